@@ -1,0 +1,235 @@
+"""Convert the authors' released DMMI checkpoints (RIS-DMMI) into dmmi's format.
+
+Their checkpoint is a dict ``{model, bert_model, optimizer, epoch, args, lr_scheduler}``
+(SPEC §7). ``model`` holds the segmentation network under their names (``backbone.*``,
+``classifier.*``, ``contrastive.*``), ``bert_model`` the text encoder. Every name maps onto
+ours by the rules in :data:`RULES`; a few tensors are dropped on purpose and reported:
+
+* ``*.decoder_layer.*``: unused copies of each transformer layer (PyTorch's
+  ``nn.TransformerDecoder`` deep-copies the layer it is given; 23.6 M parameters),
+* ``backbone.layers.3.res_gate.*`` (Swin): the last stage's gate, whose output nothing reads,
+* ``*.relative_position_index``: a constant buffer our Swin recomputes (checked for equality).
+
+The converted model runs with ``model.compat = 'ris-dmmi'`` so that it computes exactly what
+the authors' code computes (see README, "Differences from the authors' code").
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from dmmi.errors import DmmiError
+
+_MBA = [
+    (r"fusion\.vis_project\.0\.", "mba.pixel_project.0."),
+    (r"fusion\.project_mm\.0\.", "mba.fused_project.0."),
+    (r"fusion\.image_lang_att\.vis_weight$", "mba.region_mix"),
+    (r"fusion\.image_lang_att\.lan_weight$", "mba.window_mix"),
+    (r"fusion\.image_lang_att\.f_value\.0\.", "mba.word_value.0."),
+    (r"fusion\.image_lang_att\.f_value_v\.0\.", "mba.pixel_value.0."),
+    (r"fusion\.image_lang_att\.W\.0\.", "mba.visual_out.0."),
+    (r"fusion\.image_lang_att\.W2\.0\.", "mba.text_out.0."),
+    (r"fusion\.image_lang_att\.refineimg(\d)\d\.f_key\.0\.", lambda m: f"mba.region_attn.{_REGION[m[1]]}.word_key.0."),
+    (r"fusion\.image_lang_att\.refineimg(\d)\d\.f_query\.0\.", lambda m: f"mba.region_attn.{_REGION[m[1]]}.pixel_reduce.0."),
+    (r"fusion\.image_lang_att\.refineimg(\d)\d\.f_query2\.0\.", lambda m: f"mba.region_attn.{_REGION[m[1]]}.region_query.0."),
+    (r"fusion\.image_lang_att\.refinelan(\d)1\.f_key\.0\.", lambda m: f"mba.window_attn.{int(m[1]) - 1}.pixel_key.0."),
+    (r"fusion\.image_lang_att\.refinelan(\d)1\.f_query\.0\.", lambda m: f"mba.window_attn.{int(m[1]) - 1}.word_reduce.0."),
+    (r"fusion\.image_lang_att\.refinelan(\d)1\.f_query2\.0\.", lambda m: f"mba.window_attn.{int(m[1]) - 1}.window_query.0."),
+    (r"res_gate\.", "visual_gate."),
+    (r"W_l\.0\.", "language_update.0."),
+]
+_REGION = {"1": 0, "3": 1, "5": 2}
+_BN = {"conv1": "block.0", "bn1": "block.1", "conv2": "block.3", "bn2": "block.4"}
+_FUSE = {"4": "fuse_16", "3": "fuse_8", "2": "fuse_4"}
+
+# (pattern on the authors' name, replacement or callable) -- the first rule that matches wins
+RULES: list = [
+    # dropped on purpose (reported)
+    (r".*\.decoder_layer\..*", None),
+    (r".*\.relative_position_index$", None),
+    # Swin backbone
+    (r"^backbone\.patch_embed\.", "visual.body.patch_embed."),
+    (r"^backbone\.layers\.(\d)\.blocks\.", lambda m: f"visual.body.layers.{m[1]}.blocks."),
+    (r"^backbone\.layers\.(\d)\.downsample\.", lambda m: f"visual.body.layers.{int(m[1]) + 1}.downsample."),
+    (r"^backbone\.norm(\d)\.", lambda m: f"fusions.{m[1]}.skip_norm."),
+    # ResNet backbone (torchvision layout, stem folded into layer1)
+    (r"^backbone\.layer1\.0\.", "visual.body.conv1."),
+    (r"^backbone\.layer1\.1\.", "visual.body.bn1."),
+    (r"^backbone\.layer1\.4\.", "visual.body.layer1."),
+    (r"^backbone\.layer([234])\.", lambda m: f"visual.body.layer{m[1]}."),
+    # text-to-image decoder
+    (r"^classifier\.(conv[12]|bn[12])_([234])\.", lambda m: f"decoder.{_FUSE[m[2]]}.{_BN[m[1]]}."),
+    (r"^classifier\.transformer_fusion1\.transformer_model\.layers\.0\.", "decoder.query_16.layer."),
+    (r"^classifier\.transformer_fusion2\.transformer_model\.layers\.0\.", "decoder.query_8.layer."),
+    (r"^classifier\.conv1_1\.", "decoder.classifier."),
+    # image-to-text decoder (CCR) and contrastive head
+    (r"^classifier\.lan_func\.conv1\.", "ccr.visual_memory.0."),
+    (r"^classifier\.lan_func\.bn1\.", "ccr.visual_memory.1."),
+    (r"^classifier\.lan_func\.transformer_model\.layers\.0\.", "ccr.layer."),
+    (r"^classifier\.crossfuse1\.linear\.", "contrastive.fuse_8."),
+    (r"^classifier\.crossfuse2\.linear\.", "contrastive.fuse_4."),
+    (r"^contrastive\.align_lan\.0\.", "contrastive.text_align."),
+]
+
+
+def map_authors_key(name: str) -> Optional[str]:
+    """The authors' parameter name -> ours; None when the tensor is dropped on purpose.
+
+    Raises KeyError for a name no rule knows.
+    """
+    m = re.match(r"^backbone\.(?:layers\.(\d)\.|all_fusion(\d)\.)(fusion\..*|res_gate\..*|W_l\..*)$", name)
+    if m:
+        stage = int(m[1]) if m[1] is not None else int(m[2]) - 1
+        rest = m[3]
+        for pattern, repl in _MBA:
+            mm = re.match(pattern, rest)
+            if mm:
+                new = repl(mm) if callable(repl) else repl
+                return f"fusions.{stage}." + new + rest[mm.end():]
+        raise KeyError(name)
+    for pattern, repl in RULES:
+        mm = re.match(pattern, name)
+        if mm:
+            if repl is None:
+                return None
+            new = repl(mm) if callable(repl) else repl
+            return new + name[mm.end():]
+    raise KeyError(name)
+
+
+def convert_state_dicts(model_sd: dict, bert_sd: Optional[dict], target: dict, *,
+                        source: str = "checkpoint") -> tuple[dict, dict]:
+    """Map the authors' tensors onto ``target`` (our model's state_dict, for names and shapes).
+
+    Returns (state_dict, report). Refuses on an unknown name or a shape mismatch, naming the
+    key. ``report``: dropped names, our names left unset, and counts.
+    """
+    out: dict = {}
+    dropped: list[str] = []
+    items = [(k, v) for k, v in model_sd.items()]
+    items += [(f"__bert__.{k}", v) for k, v in (bert_sd or {}).items()]
+    for name, tensor in items:
+        if name.startswith("__bert__."):
+            bert_name = name[len("__bert__."):]
+            if bert_name.startswith("pooler."):
+                dropped.append(f"bert_model.{bert_name}")
+                continue
+            ours = f"text_encoder.bert.{bert_name}"
+        else:
+            try:
+                ours = map_authors_key(name)
+            except KeyError:
+                raise DmmiError(f"{source}: key {name!r} is not part of the authors' DMMI layout") from None
+            if ours is None or (ours not in target and re.match(r"^fusions\.\d\.visual_gate\.", ours)):
+                dropped.append(name)
+                continue
+        if ours not in target:
+            raise DmmiError(f"{source}: key {name!r} (ours: {ours}) does not exist in this preset's model; "
+                            "is it the right --preset?")
+        if tuple(target[ours].shape) != tuple(tensor.shape):
+            raise DmmiError(f"{source}: shape mismatch for {name!r}: {tuple(tensor.shape)} in the checkpoint, "
+                            f"{tuple(target[ours].shape)} in the model ({ours}); is it the right --preset?")
+        out[ours] = tensor
+    missing = [k for k in target if k not in out and not k.endswith("num_batches_tracked")]
+    if bert_sd is None:
+        missing = [k for k in missing if not k.startswith("text_encoder.")]
+    report = {"converted": len(out), "dropped": dropped, "missing": missing,
+              "dropped_parameters": int(sum(model_sd[k].numel() for k in dropped if k in model_sd))}
+    return out, report
+
+
+def read_authors_checkpoint(path: str | Path) -> tuple[dict, Optional[dict], dict]:
+    """-> (model state, bert state or None, info). Refuses anything that is not their layout."""
+    p = Path(path)
+    if not p.is_file():
+        raise DmmiError(f"checkpoint not found: {p}")
+    try:
+        ckpt = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        if "Unsupported global" in str(e) or "weights_only" in str(e):
+            # their checkpoints pickle an argparse.Namespace under "args": allow exactly that
+            try:
+                import argparse
+
+                with torch.serialization.safe_globals([argparse.Namespace]):
+                    ckpt = torch.load(str(p), map_location="cpu", weights_only=True)
+            except Exception as e2:  # noqa: BLE001
+                raise DmmiError(f"{p}: cannot be read safely ({str(e2).splitlines()[0][:160]})") from None
+        else:
+            raise DmmiError(f"{p}: not a readable torch checkpoint or truncated ({msg})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or not isinstance(ckpt["model"], dict):
+        keys = list(ckpt)[:5] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise DmmiError(f"{p}: not the authors' DMMI layout (expected a dict with 'model' and 'bert_model'; "
+                        f"found {keys})")
+    model_sd = ckpt["model"]
+    if not any(k.startswith("backbone.") for k in model_sd) or not any(k.startswith("classifier.") for k in model_sd):
+        raise DmmiError(f"{p}: 'model' has no backbone.* / classifier.* tensors: not an authors' DMMI checkpoint")
+    info = {"epoch": ckpt.get("epoch")}
+    return model_sd, ckpt.get("bert_model"), info
+
+
+def guess_preset(model_sd: dict) -> str:
+    """Which preset the authors' tensors belong to."""
+    if any(k.startswith("backbone.all_fusion") for k in model_sd):
+        return "dmmi_r101"
+    w = model_sd.get("backbone.patch_embed.proj.weight")
+    if w is not None and w.shape[0] == 128:
+        return "dmmi_swin_b"
+    if w is not None and w.shape[0] == 96:
+        return "dmmi_swin_t"
+    raise DmmiError("cannot tell the backbone from the checkpoint; pass --preset")
+
+
+def convert_checkpoint(src: str, out: str, preset: Optional[str] = None, overrides=()) -> dict:
+    """Authors' checkpoint file -> our checkpoint (weights-only torch, or safetensors by suffix)."""
+    import warnings
+
+    from dmmi.config import load_config
+    from dmmi.models.io import save_model_file
+    from dmmi.models import build_model
+
+    model_sd, bert_sd, info = read_authors_checkpoint(src)
+    preset = preset or guess_preset(model_sd)
+    cfg = load_config(preset, ["model.compat=ris-dmmi", "model.text_pretrained=false", *overrides])
+    if bert_sd is not None:
+        width = bert_sd.get("embeddings.word_embeddings.weight")
+        if width is not None and cfg.model.text_config is None and width.shape[1] != 768:
+            raise DmmiError(f"{src}: text encoder width {width.shape[1]} is not BERT-base's 768")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_model(cfg.model, text_width=768 if bert_sd is None else None)
+    state, report = convert_state_dicts(model_sd, bert_sd, model.state_dict(), source=str(src))
+    model.load_state_dict(state, strict=False)
+    cfg.model.text_pretrained = False  # weights come from this file
+    save_model_file(out, model, cfg, extra={"converted_from": str(src), "epoch": info.get("epoch")})
+    report.update(preset=preset, out=str(out))
+    return report
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("convert", help="convert the authors' released checkpoint into dmmi's format")
+    p.add_argument("checkpoint", help="the authors' .pth (dict with model + bert_model)")
+    p.add_argument("--out", required=True, help="output file (.pt weights-only torch, or .safetensors)")
+    p.add_argument("--preset", default=None, help="dmmi_swin_b | dmmi_swin_t | dmmi_r101 (guessed if omitted)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=_cmd_convert)
+
+
+def _cmd_convert(args) -> int:
+    report = convert_checkpoint(args.checkpoint, args.out, args.preset, args.overrides)
+    print(f"converted {report['converted']} tensors into {report['out']} (preset {report['preset']}, "
+          f"compat ris-dmmi)")
+    if report["dropped"]:
+        print(f"dropped {len(report['dropped'])} tensors on purpose ({report['dropped_parameters']:,} parameters: "
+              "unused decoder-layer copies, the last Swin stage's unread gate, constant buffers)")
+    if report["missing"]:
+        print(f"warning: {len(report['missing'])} tensors of our model were not in the checkpoint, "
+              f"e.g. {report['missing'][:3]}")
+    print(json.dumps({k: v for k, v in report.items() if k not in ('dropped', 'missing')}))
+    return 0

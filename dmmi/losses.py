@@ -1,0 +1,90 @@
+"""DMMI's losses as pure functions (paper Eq. 8-11, SPEC §2).
+
+    L = L_ce + w_sim * L_sim + w_con * L_con
+
+delta (B,) is 1 for samples that refer to at least one object and 0 for zero-target
+samples; L_sim and L_con ignore delta = 0 samples but still divide by the batch size B.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, class_weights=(0.9, 1.1)) -> torch.Tensor:
+    """L_ce: weighted 2-class cross-entropy. logits (B, 2, H, W), target (B, H, W) in {0, 1}.
+
+    PyTorch's weighted mean: sum_i w[y_i] * nll_i / sum_i w[y_i].
+    """
+    weight = torch.as_tensor(class_weights, dtype=logits.dtype, device=logits.device)
+    return F.cross_entropy(logits, target.long(), weight=weight)
+
+
+def similarity_loss(words_final: torch.Tensor, reconstructed: torch.Tensor, word_mask: torch.Tensor,
+                    delta: torch.Tensor, *, compat: bool = False) -> torch.Tensor:
+    """L_sim (Eq. 8): delta * (1 - cos(detach(E4*), E^)), cosine per token over channels,
+    averaged over valid tokens, then over the batch (denominator B).
+
+    words_final, reconstructed: (B, L, Ct); word_mask (B, L); delta (B,).
+    ``compat``: the authors' form 1 - mean_b(delta_b * s_b), which adds (#zero samples)/B,
+    a constant with the same gradient.
+    """
+    m = word_mask.to(reconstructed.dtype)  # (B, L)
+    target = (words_final.detach() * m[..., None])
+    cos = F.cosine_similarity(target, reconstructed * m[..., None], dim=-1, eps=1e-6)  # (B, L)
+    per_sample = (cos * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B,)
+    d = delta.to(per_sample.dtype)
+    if compat:
+        return 1.0 - (per_sample * d).mean()
+    return (d * (1.0 - per_sample)).mean()
+
+
+def contrastive_loss(pooled_visual: torch.Tensor, pooled_text: torch.Tensor, delta: torch.Tensor,
+                     temperature: float = 0.05) -> torch.Tensor:
+    """L_con (Eq. 9-11): symmetric InfoNCE over the batch, diagonal positives.
+
+    pooled_visual, pooled_text (B, C), L2-normalised here; logits = V_o . E_o^T / temperature.
+    Each direction: -(1/B) sum_i delta_i log softmax_i(i). Zero-target samples stay negatives.
+    """
+    v = F.normalize(pooled_visual, dim=1)
+    e = F.normalize(pooled_text, dim=1)
+    logits = v @ e.t() / temperature  # (B, B)
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    d = delta.to(logits.dtype)
+    i2t = (F.cross_entropy(logits, labels, reduction="none") * d).mean()
+    t2i = (F.cross_entropy(logits.t(), labels, reduction="none") * d).mean()
+    return i2t + t2i
+
+
+@dataclass
+class LossTerms:
+    total: torch.Tensor
+    ce: torch.Tensor
+    sim: Optional[torch.Tensor] = None
+    con: Optional[torch.Tensor] = None
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in (("loss", self.total), ("loss_ce", self.ce), ("loss_sim", self.sim),
+                                  ("loss_con", self.con)) if v is not None}
+
+
+def dmmi_loss(out, target: torch.Tensor, word_mask: torch.Tensor, delta: torch.Tensor, cfg,
+              *, compat: bool = False) -> LossTerms:
+    """Total loss from a DMMIOutput. cfg: LossConfig (ce_weights, w_sim, w_con, temperature).
+
+    Terms whose branch did not run (ablations, eval mode) are left out.
+    """
+    ce = segmentation_loss(out.logits, target, cfg.ce_weights)
+    total = ce
+    sim = con = None
+    if out.reconstructed is not None:
+        sim = similarity_loss(out.words_final, out.reconstructed, word_mask, delta, compat=compat)
+        total = total + cfg.w_sim * sim
+    if out.pooled_visual is not None:
+        con = contrastive_loss(out.pooled_visual, out.pooled_text, delta, cfg.temperature)
+        total = total + cfg.w_con * con
+    return LossTerms(total=total, ce=ce, sim=sim, con=con)

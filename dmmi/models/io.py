@@ -1,0 +1,129 @@
+"""Model files: weights + the resolved config that built them, never arbitrary pickles.
+
+Two formats, chosen by suffix:
+* ``.safetensors``: tensors, with ``{"format": "dmmi-model", "preset", "config" (JSON)}``
+  in the metadata;
+* anything else: a ``torch.save`` dict ``{format, version, preset, config, model, extra}``
+  readable with ``torch.load(weights_only=True)``. Training checkpoints use the same keys
+  (plus optimizer/scheduler/RNG state), so they load here too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from dmmi.errors import DmmiError
+
+FORMAT = "dmmi-model"
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_model_file(path: str | Path, model: torch.nn.Module, cfg, extra: Optional[dict] = None) -> Path:
+    """Write ``model``'s weights and ``cfg`` (a Config) to ``path`` atomically."""
+    path = Path(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    cfg_dict = cfg.to_dict()
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        meta = {"format": FORMAT, "preset": str(cfg.preset), "config": json.dumps(cfg_dict),
+                "extra": json.dumps(extra or {}, default=str)}
+        _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+    else:
+        payload = {"format": FORMAT, "version": 1, "preset": str(cfg.preset), "config": cfg_dict,
+                   "model": state, "extra": json.loads(json.dumps(extra or {}, default=str))}
+        _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    return path
+
+
+def read_model_file(path: str | Path) -> tuple[dict, dict]:
+    """-> (state_dict, config dict). One-line DmmiError for anything that is not ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise DmmiError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # noqa: BLE001
+            raise DmmiError(f"{path}: not a readable safetensors file or truncated ({str(e)[:120]})") from None
+        if meta.get("format") != FORMAT:
+            raise DmmiError(f"{path}: safetensors file without dmmi metadata (not a dmmi model)")
+        return state, json.loads(meta["config"])
+    try:
+        payload = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise DmmiError(f"{path}: not a dmmi checkpoint or it is truncated ({first})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or "model" not in payload:
+        hint = " (an authors' RIS-DMMI checkpoint? run `dmmi convert` first)" if isinstance(payload, dict) and \
+            "bert_model" in payload else ""
+        raise DmmiError(f"{path}: not a dmmi checkpoint{hint}")
+    return payload["model"], payload["config"]
+
+
+def load_model_file(path: str | Path, *, expect_preset: Optional[str] = None, map_location="cpu"):
+    """Rebuild the model a file describes and load its weights. -> (model, Config).
+
+    ``expect_preset``: refuse a file of another preset with a clear message.
+    """
+    from dmmi.config import Config
+    from dmmi.models import build_model
+
+    state, cfg_dict = read_model_file(path)
+    cfg = Config.from_dict(cfg_dict, source=str(path))
+    if expect_preset and cfg.preset != expect_preset:
+        raise DmmiError(f"{path}: checkpoint of preset {cfg.preset!r}, but {expect_preset!r} was asked for")
+    cfg.model.text_pretrained = False  # the file holds the text encoder's weights
+    cfg.model.backbone_weights = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_model(cfg.model, text_width=None if any(k.startswith("text_encoder.") for k in state)
+                            else _text_width(state))
+    load_weights(model, state, source=str(path))
+    return model.to(map_location), cfg
+
+
+def _text_width(state: dict) -> int:
+    w = state.get("contrastive.text_align.weight")
+    if w is None:
+        w = state["fusions.0.mba.region_attn.0.word_key.0.weight"]
+        return int(w.shape[1])
+    return int(w.shape[0])
+
+
+def load_weights(model: torch.nn.Module, state: dict, *, source: str = "weights") -> None:
+    """Strict load with a one-line error naming the first mismatching key."""
+    own = model.state_dict()
+    for k, v in state.items():
+        if k in own and tuple(own[k].shape) != tuple(v.shape):
+            raise DmmiError(f"{source}: weights do not fit the model: {k} has shape {tuple(v.shape)}, "
+                            f"the model expects {tuple(own[k].shape)}")
+    unexpected = [k for k in state if k not in own]
+    missing = [k for k in own if k not in state]
+    if unexpected or missing:
+        what = f"unexpected {unexpected[0]!r}" if unexpected else f"missing {missing[0]!r}"
+        raise DmmiError(f"{source}: weights do not fit the model ({len(unexpected)} unexpected, "
+                        f"{len(missing)} missing tensors; {what})")
+    model.load_state_dict(state)

