@@ -27,16 +27,17 @@ from dmmi.errors import DmmiError
 
 FORMAT = "dmmi-checkpoint"
 VERSION = 1
-_PLAIN = (str, int, float, bool, type(None), torch.dtype, torch.device, torch.Size)
+_SCALARS = (str, int, float, bool, type(None))  # exact types: numpy scalars subclass float
+_TORCH_PLAIN = (torch.Tensor, torch.dtype, torch.device, torch.Size)
 
 
 def _check_plain(obj: Any, where: str) -> None:
     """Raise if ``obj`` holds anything ``torch.load(weights_only=True)`` would refuse."""
-    if isinstance(obj, (torch.Tensor, *_PLAIN)):
+    if type(obj) in _SCALARS or isinstance(obj, _TORCH_PLAIN):
         return
     if isinstance(obj, dict):  # dict, OrderedDict (state dicts)
         for k, v in obj.items():
-            if not isinstance(k, (str, int)):
+            if type(k) not in (str, int):
                 raise DmmiError(f"checkpoint {where}: key {k!r} is a {type(k).__name__}; only str / int keys are allowed")
             _check_plain(v, f"{where}[{k!r}]")
         return

@@ -28,6 +28,17 @@ from dmmi.errors import DmmiError
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_rng_round_trip():
+    torch.cuda.manual_seed_all(5)
+    state = capture_rng_state()
+    assert len(state["cuda"]) == torch.cuda.device_count()
+    first = torch.rand(4, device="cuda").tolist()
+    restore_rng_state(state)
+    assert torch.rand(4, device="cuda").tolist() == first
+
+
 def small_training_state():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
@@ -62,6 +73,8 @@ def test_round_trip_is_weights_only_loadable(tmp_path):
 def test_non_plain_data_is_refused_before_writing(tmp_path):
     with pytest.raises(DmmiError, match=r"checkpoint \['extra'\]\['config'\]: a Config cannot be stored"):
         save_checkpoint(tmp_path / "c.pt", model_state={}, extra={"config": Config()})
+    with pytest.raises(DmmiError, match=r"\['extra'\]\['best'\]\['oIoU'\]: a float64 cannot be stored"):
+        save_checkpoint(tmp_path / "c.pt", model_state={}, extra={"best": {"oIoU": np.float64(61.5)}})
     assert not any(tmp_path.iterdir())
 
 

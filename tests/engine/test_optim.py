@@ -65,6 +65,13 @@ def test_build_optimizer_uses_config():
         build_optimizer(frozen, cfg)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_adamw_on_cuda():
+    opt = build_optimizer(Tiny().cuda(), TrainConfig(), fused=True)
+    assert all(g["fused"] for g in opt.param_groups)
+
+
 def test_poly_factor_at_start_middle_end():
     total, power = 100, 0.9
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=2.0)
