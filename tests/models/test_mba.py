@@ -1,0 +1,134 @@
+"""MBA against direct loop implementations of the formulas we chose (module docstring of mba.py)."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from dmmi.models.mba import MultiScaleBidirectionalAttention, RegionWordAttention, StageFusion, WordWindowPixelAttention
+
+torch.manual_seed(0)
+
+
+def _instance_norm(x):  # (C, N) over N
+    return (x - x.mean(1, keepdim=True)) / torch.sqrt(x.var(1, unbiased=False, keepdim=True) + 1e-5)
+
+
+def _conv(seq, x):  # 1x1 conv of a Sequential(Conv1d[, IN]) applied to (Cin, N) by hand
+    conv = seq[0]
+    y = conv.weight[:, :, 0] @ x + conv.bias[:, None]
+    return _instance_norm(y) if len(seq) > 1 else y
+
+
+def _loop_region_attention(mod: RegionWordAttention, v, words, mask):
+    """Eq. 2 as we realise it: per pixel, concatenate the k x k reduced neighbours (zeros
+    outside), project, dot with every word key, softmax over valid words. One sample."""
+    C, H, W = v.shape
+    k, r = mod.region, mod.region // 2
+    reduced = _conv(mod.pixel_reduce, v.reshape(C, H * W)).reshape(-1, H, W)
+    cols = []
+    for i in range(H):
+        for j in range(W):
+            feats = []
+            for c in range(reduced.shape[0]):
+                for di in range(-r, r + 1):
+                    for dj in range(-r, r + 1):
+                        y, x = i + di, j + dj
+                        feats.append(reduced[c, y, x] if 0 <= y < H and 0 <= x < W else torch.tensor(0.0))
+            cols.append(torch.stack(feats))
+    query = _conv(mod.region_query, torch.stack(cols, 1))  # (C, N)
+    key = mod.word_key[0].weight[:, :, 0] @ words + mod.word_key[0].bias[:, None]  # (C, L)
+    out = torch.empty(H * W, words.shape[1])
+    for n in range(H * W):
+        scores = torch.tensor([float(query[:, n] @ key[:, l]) / math.sqrt(C) if mask[l] else -math.inf
+                               for l in range(words.shape[1])])
+        out[n] = scores.softmax(0)
+    return out
+
+
+def _loop_window_attention(mod: WordWindowPixelAttention, v, words, mask):
+    """Eq. 5 as we realise it: token window [l-1, l] (w=2) or [l-1, l, l+1] (w=3), clamped at
+    the ends, concatenated, projected, dot with every pixel key, softmax over pixels."""
+    C, H, W = v.shape
+    L, w = words.shape[1], mod.window
+    reduced = _conv(mod.word_reduce, words)  # (c, L)
+    offsets = {1: [0], 2: [-1, 0], 3: [-1, 0, 1]}[w]
+    cols = []
+    for l in range(L):
+        parts = [reduced[c, min(max(l + o, 0), L - 1)] for c in range(reduced.shape[0]) for o in offsets]
+        cols.append(torch.stack(parts))
+    query = _conv(mod.window_query, torch.stack(cols, 1))  # (Ct, L)
+    key = _conv(mod.pixel_key, v.reshape(C, H * W))  # (Ct, N)
+    out = torch.empty(L, H * W)
+    for l in range(L):
+        q = query[:, l] * mask[l]
+        out[l] = torch.stack([q @ key[:, n] / math.sqrt(C) for n in range(H * W)]).softmax(0)
+    return out
+
+
+def test_region_word_attention_equals_loop():
+    C, Ct, L, H, W = 8, 6, 5, 4, 3
+    v, words = torch.randn(1, C, H, W), torch.randn(1, Ct, L)
+    mask = torch.tensor([[1, 1, 1, 0, 0]])
+    for k in (1, 3, 5):
+        mod = RegionWordAttention(C, Ct, k)
+        with torch.no_grad():
+            fast = mod(v, words, mask)[0]
+            slow = _loop_region_attention(mod, v[0], words[0], mask[0])
+        torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-4)
+        assert torch.all(fast[:, 3:] < 1e-6)  # padding words get no attention
+
+
+def test_word_window_attention_equals_loop():
+    C, Ct, L, H, W = 12, 6, 5, 3, 3
+    v, words = torch.randn(1, C, H, W), torch.randn(1, Ct, L)
+    mask = torch.tensor([[1, 1, 1, 1, 0]])
+    for w in (1, 2, 3):
+        mod = WordWindowPixelAttention(C, Ct, w)
+        with torch.no_grad():
+            fast = mod(v, words, mask)[0]
+            slow = _loop_window_attention(mod, v[0], words[0], mask[0])
+        torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-4)
+
+
+def test_window_2_uses_previous_token_only():
+    mod = WordWindowPixelAttention(8, 4, 2)
+    v, words = torch.randn(1, 8, 2, 2), torch.randn(1, 4, 5)
+    mask = torch.ones(1, 5)
+    with torch.no_grad():
+        base = mod(v, words, mask)
+        changed = words.clone()
+        changed[0, :, 4] += 5.0  # the last token: only windows ending at it see it
+        after = mod(v, changed, mask)
+    assert torch.allclose(base[0, :4], after[0, :4])
+    assert not torch.allclose(base[0, 4], after[0, 4])
+
+
+def test_lambda_mix_is_a_softmax_of_learnable_weights():
+    mba = MultiScaleBidirectionalAttention(8, 6)
+    assert mba.region_mix.requires_grad and mba.region_mix.shape == (3,)
+    v, words, mask = torch.randn(2, 8, 4, 4), torch.randn(2, 6, 5), torch.ones(2, 5)
+    with torch.no_grad():
+        mba.region_mix.copy_(torch.tensor([100.0, 0.0, 0.0]))  # all weight on 1x1 regions
+        only_1x1 = mba.text_to_image(v, words, mask)
+        a = mba.region_attn[0](v, words, mask)
+        value = mba.word_value(words)
+        expected = mba.visual_out(torch.bmm(a, value.transpose(1, 2)).transpose(1, 2))
+    torch.testing.assert_close(only_1x1, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_single_scale_and_one_direction_switches():
+    mba = MultiScaleBidirectionalAttention(8, 6, multi_scale=False, bidirectional=False)
+    assert len(mba.region_attn) == 1 and not hasattr(mba, "window_attn")
+    r_v, r_l = mba(torch.randn(1, 8, 4, 4), torch.randn(1, 6, 3), torch.ones(1, 3))
+    assert r_v.shape == (1, 8, 4, 4) and r_l is None
+
+
+def test_fresh_gate_leaves_the_visual_stream_unchanged_and_can_learn():
+    fusion = StageFusion(8, 6)
+    v, words, mask = torch.randn(2, 8, 4, 4), torch.randn(2, 6, 5), torch.ones(2, 5)
+    v_new, words_new, skip = fusion(v, words, mask)
+    assert torch.equal(v_new, v)
+    assert not torch.equal(words_new, words)  # the language update runs
+    v_new.pow(2).sum().backward()
+    assert fusion.visual_gate[2].weight.grad.abs().sum() > 0  # last gate layer gets a gradient

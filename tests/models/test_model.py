@@ -1,0 +1,150 @@
+"""The DMMI network: shapes, gradients, inference cost, switches, errors."""
+
+import pytest
+import torch
+
+from dmmi.config import load_config
+from dmmi.errors import DmmiError
+from dmmi.losses import dmmi_loss
+from dmmi.models import PRESETS, build_model, build_preset
+from dmmi.models.io import load_model_file, save_model_file
+
+TINY = "dmmi_tiny"
+
+
+def _batch(b=2, size=64, length=20):
+    torch.manual_seed(0)
+    images = torch.randn(b, 3, size, size)
+    ids = torch.randint(1000, 3000, (b, length))
+    mask = torch.ones(b, length, dtype=torch.long)
+    mask[1, 7:] = 0
+    ids[1, 7:] = 0
+    erased = ids.clone()
+    erased[0, 2:4] = 0
+    target = torch.zeros(b, size, size, dtype=torch.long)
+    target[0, 10:30, 20:40] = 1
+    return images, ids, mask, erased, target, torch.tensor([1, 0])
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p != TINY])
+def test_every_preset_forward_shapes(preset):
+    """Every preset at 64x64 with a narrow random text width: logits and skips."""
+    cfg = load_config(preset, ["model.image_size=64", "model.backbone_weights=null"])
+    model = build_model(cfg.model, text_width=32).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = model.forward_features(images, torch.randn(2, 20, 32), torch.ones(2, 20))
+    assert out.logits.shape == (2, 2, 64, 64)
+    assert out.words_final.shape == (2, 20, 32)
+    assert [s.shape[-1] for s in out.skips] == [16, 8, 4, 2]
+    assert [s.shape[1] for s in out.skips] == list(model.visual.widths)
+    assert torch.isfinite(out.logits).all()
+
+
+def test_tiny_model_trains_every_parameter():
+    model = build_preset(TINY).train()
+    images, ids, mask, erased, target, delta = _batch()
+    out = model(images, ids, mask, erased)
+    assert out.logits.shape == (2, 2, 64, 64)
+    assert out.reconstructed.shape == (2, 20, 32) and out.pooled_visual.shape == (2, 32)
+    loss = dmmi_loss(out, target, mask, delta, load_config(TINY).loss)
+    assert torch.isfinite(loss.total)
+    loss.total.backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert no_grad == []
+    nonfinite = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    assert nonfinite == []
+
+
+@pytest.mark.parametrize("preset", ["ablation_no_i2t", "ablation_no_multiscale", "ablation_no_bidirection",
+                                    "ablation_no_con", "lavt_baseline"])
+def test_ablations_have_no_dead_parameters(preset):
+    base = load_config(TINY).model.__dict__
+    cfg = load_config(preset).model
+    overrides = [f"model.{k}={v}" for k, v in load_config(preset).model.__dict__.items()
+                 if k in ("multi_scale", "bidirectional", "i2t_decoder", "contrastive", "decoder_transformer")]
+    model = build_preset(TINY, overrides).train()
+    images, ids, mask, erased, target, delta = _batch()
+    out = model(images, ids, mask, erased)
+    dmmi_loss(out, target, mask, delta, load_config(TINY).loss).total.backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    assert (model.ccr is None) == (not cfg.i2t_decoder)
+    assert (model.contrastive is None) == (not cfg.contrastive)
+    assert base["backbone"] == "swin"
+
+
+def test_eval_runs_no_training_branch():
+    model = build_preset(TINY).eval()
+    calls = []
+    model.ccr.register_forward_hook(lambda *a: calls.append("ccr"))
+    model.contrastive.register_forward_hook(lambda *a: calls.append("con"))
+    encoder_calls = []
+    model.text_encoder.register_forward_hook(lambda *a: encoder_calls.append(1))
+    images, ids, mask, erased, _, _ = _batch()
+    with torch.no_grad():
+        out = model(images, ids, mask, erased)
+    assert calls == [] and out.reconstructed is None and out.pooled_text is None
+    assert len(encoder_calls) == 1  # the erased sentence is not encoded at inference
+    model.train()
+    model(images, ids, mask, erased)
+    assert calls == ["ccr", "con"] and len(encoder_calls) == 3
+
+
+def test_fresh_model_backbone_equals_plain_timm_backbone():
+    model = build_preset(TINY).eval()
+    images, ids, mask, _, _, _ = _batch()
+    with torch.no_grad():
+        plain = model.visual(images)  # the timm stages without fusion
+        words = model.text_encoder(ids, mask)
+        x = model.visual.stem(images)
+        w = words.transpose(1, 2)
+        for i, fusion in enumerate(model.fusions):
+            x = model.visual.stage(i, x)
+            v, w, _ = fusion(model.visual.to_nchw(x), w, mask)
+            torch.testing.assert_close(v, plain[i])  # zero gates: V* = V
+            x = model.visual.from_nchw(v)
+
+
+def test_swin_b_parameter_count_matches_the_authors():
+    model = build_model(load_config("dmmi_swin_b", ["model.image_size=64"]).model, text_width=768)
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n - 208e6) / 208e6 < 0.05
+    # exactly the authors' 231.7 M minus the unused decoder-layer copies and the unread last gate
+    assert n == 231_686_512 - 23_633_664 - 2 * 1024 * 1024
+
+
+def test_bad_input_errors():
+    with pytest.raises(DmmiError, match="unknown preset 'dmmi_nope'"):
+        build_preset("dmmi_nope")
+    model = build_preset(TINY).eval()
+    images, ids, mask, _, _, _ = _batch()
+    with pytest.raises(DmmiError, match=r"images must be \(B, 3, H, W\)"):
+        model(images[:, :1], ids, mask)
+    with pytest.raises(DmmiError, match="multiples of 32"):
+        model(torch.randn(2, 3, 60, 64), ids, mask)
+    empty = mask.clone()
+    empty[0] = 0
+    with pytest.raises(DmmiError, match="empty"):
+        model(images, ids, empty)
+
+
+def test_model_file_round_trip_and_wrong_preset(tmp_path):
+    cfg = load_config(TINY)
+    model = build_model(cfg.model).eval()
+    for name in ("m.pt", "m.safetensors"):
+        path = save_model_file(tmp_path / name, model, cfg)
+        loaded, loaded_cfg = load_model_file(path)
+        assert loaded_cfg.preset == TINY
+        images, ids, mask, _, _, _ = _batch()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.eval()(images, ids, mask).logits, model(images, ids, mask).logits)
+    with pytest.raises(DmmiError, match="preset 'dmmi_tiny', but 'dmmi_lite'"):
+        load_model_file(tmp_path / "m.pt", expect_preset="dmmi_lite")
+    # a weights file that does not fit the preset
+    other = build_preset(TINY, ["model.embed_dim=16"])
+    state_path = save_model_file(tmp_path / "other.pt", other, cfg)  # config says embed 32, weights are 16
+    with pytest.raises(DmmiError, match="weights do not fit the model"):
+        load_model_file(state_path)
+    (tmp_path / "trunc.pt").write_bytes((tmp_path / "m.pt").read_bytes()[:1000])
+    with pytest.raises(DmmiError, match="truncated"):
+        load_model_file(tmp_path / "trunc.pt")

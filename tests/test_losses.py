@@ -1,0 +1,65 @@
+"""Losses against values derived by hand."""
+
+import math
+
+import pytest
+import torch
+
+from dmmi.config import LossConfig
+from dmmi.losses import contrastive_loss, dmmi_loss, segmentation_loss, similarity_loss
+from dmmi.models.dmmi import DMMIOutput
+
+
+def test_weighted_cross_entropy_by_hand():
+    # two pixels: logits (0, 0) -> p = 1/2 each; target 1 (w=1.1) and 0 (w=0.9)
+    logits = torch.zeros(1, 2, 1, 2)
+    logits[0, 1, 0, 1] = math.log(3)  # second pixel: p(fg) = 3/4, p(bg) = 1/4
+    target = torch.tensor([[[1, 0]]])
+    # pixel 1: -log(1/2) * 1.1; pixel 2: -log(1/4) * 0.9; weighted mean over w = 1.1 + 0.9
+    expected = (1.1 * math.log(2) + 0.9 * math.log(4)) / 2.0
+    assert segmentation_loss(logits, target).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_similarity_loss_by_hand_with_a_zero_sample():
+    # sample 0 (delta 1): 2 valid tokens, cos = 1 and 0 -> mean 0.5; sample 1 (delta 0)
+    e = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]], [[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]])
+    r = torch.tensor([[[2.0, 0.0], [1.0, 0.0], [-5.0, -5.0]], [[-1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    delta = torch.tensor([1, 0])
+    # ours: mean_b delta_b (1 - s_b) = (1 * (1 - 0.5) + 0) / 2
+    assert similarity_loss(e, r, mask, delta).item() == pytest.approx(0.25)
+    # authors: 1 - mean_b(delta_b s_b) = 1 - (0.5 + 0) / 2
+    assert similarity_loss(e, r, mask, delta, compat=True).item() == pytest.approx(0.75)
+    # gradient never reaches E4* (detached)
+    e.requires_grad_(True)
+    r.requires_grad_(True)
+    similarity_loss(e, r, mask, delta).backward()
+    assert e.grad is None and r.grad is not None
+    assert torch.all(r.grad[1] == 0)  # zero-target sample contributes nothing
+
+
+def test_contrastive_loss_by_hand():
+    # orthonormal vectors: logits = I / t; each row: -log(e^{1/t} / (e^{1/t} + (B-1)))
+    v = torch.eye(2)
+    t = 0.5
+    per = -math.log(math.exp(1 / t) / (math.exp(1 / t) + 1))
+    assert contrastive_loss(v, v.clone(), torch.tensor([1, 1]), t).item() == pytest.approx(2 * per, rel=1e-6)
+    # delta = 0 for sample 1: its terms vanish but B stays the denominator
+    assert contrastive_loss(v, v.clone(), torch.tensor([1, 0]), t).item() == pytest.approx(per, rel=1e-6)
+    # scaling a vector does not matter (L2-normalised)
+    assert contrastive_loss(3 * v, v, torch.tensor([1, 1]), t).item() == pytest.approx(2 * per, rel=1e-6)
+
+
+def test_total_loss_weights_and_missing_branches():
+    logits = torch.zeros(2, 2, 1, 1)
+    target = torch.zeros(2, 1, 1, dtype=torch.long)
+    words = torch.randn(2, 3, 4)
+    out = DMMIOutput(logits=logits, words_final=words, reconstructed=words.clone(),
+                     pooled_visual=torch.eye(2, 4), pooled_text=torch.eye(2, 4))
+    mask, delta = torch.ones(2, 3), torch.tensor([1, 1])
+    cfg = LossConfig(w_sim=0.5, w_con=2.0, temperature=1.0)
+    terms = dmmi_loss(out, target, mask, delta, cfg)
+    assert terms.sim.item() == pytest.approx(0.0, abs=1e-6)  # perfect reconstruction
+    assert terms.total.item() == pytest.approx(terms.ce.item() + 0.5 * terms.sim.item() + 2.0 * terms.con.item())
+    plain = dmmi_loss(DMMIOutput(logits=logits, words_final=words), target, mask, delta, cfg)
+    assert plain.sim is None and plain.con is None and plain.total.item() == pytest.approx(math.log(2))
