@@ -1,0 +1,119 @@
+"""``dmmi data`` commands: ``synth`` (write the synthetic dataset) and ``stats`` (describe one)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from dmmi.errors import DmmiError
+
+
+def register(subparsers) -> None:
+    data = subparsers.add_parser("data", help="datasets: generate the synthetic set, describe a dataset")
+    sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    data.set_defaults(func=lambda args: _help(data))
+
+    synth = sub.add_parser(
+        "synth",
+        help="write the synthetic zero/one/many shapes dataset (Ref-ZOM layout)",
+        description="Write <out>/synthetic/refs(final).p, <out>/synthetic/instances.json and "
+        "<out>/images/*.png: coloured shapes with expressions that refer to zero, one or many of them.",
+    )
+    # --out is checked in the handler so that a missing value is a one-line DmmiError
+    synth.add_argument("--out", metavar="DIR", help="output folder (required)")
+    synth.add_argument("--images", metavar="N", default=600, help="number of images (default 600)")
+    synth.add_argument("--seed", metavar="S", default=0, help="random seed (default 0)")
+    synth.add_argument("--size", metavar="PX", default=128, help="image side in pixels (default 128)")
+    synth.add_argument("--refs-per-image", metavar="K", default=4,
+                       help="expressions per image (default 4)")
+    synth.add_argument("--json", action="store_true", help="print the summary as JSON")
+    synth.set_defaults(func=cmd_synth)
+
+    stats = sub.add_parser("stats", help="counts of images, objects, expressions and zero/one/many types")
+    stats.add_argument("root", metavar="DIR", nargs="?", help="dataset root (holds <dataset>/refs(...).p)")
+    stats.add_argument("--format", default="refzom", help="refzom | refer | grefcoco (default refzom)")
+    stats.add_argument("--dataset", default=None, help="dataset folder name under DIR (default: the format's own; "
+                       "a folder from `dmmi data synth` is found by itself)")
+    stats.add_argument("--split-by", dest="split_by", default=None, help="unc | umd | google | final")
+    stats.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    stats.set_defaults(func=cmd_stats)
+
+
+def _help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 1
+
+
+def _int(flag: str, value) -> int:
+    """Integers are parsed here, not by argparse, so a bad one is a one-line DmmiError."""
+    if isinstance(value, int):
+        return value
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise DmmiError(f"data synth: {flag} expects an integer, got {value!r}") from None
+
+
+def cmd_synth(args) -> int:
+    from dmmi.data.synthetic import generate
+
+    if not args.out:
+        raise DmmiError("data synth: --out DIR is required")
+    images = _int("--images", args.images)
+    seed = _int("--seed", args.seed)
+    size = _int("--size", args.size)
+    refs_per_image = _int("--refs-per-image", args.refs_per_image)
+    if images < 1:
+        raise DmmiError(f"data synth: --images must be >= 1, got {images}")
+    if size < 64:
+        raise DmmiError(f"data synth: --size must be >= 64 pixels, got {size}")
+    if refs_per_image < 1:
+        raise DmmiError(f"data synth: --refs-per-image must be >= 1, got {refs_per_image}")
+    summary = generate(args.out, n_images=images, seed=seed, image_size=size, refs_per_image=refs_per_image)
+    if args.json:
+        print(json.dumps(summary, indent=2, sort_keys=True))
+        return 0
+    t = summary["types"]
+    n = max(summary["n_refs"], 1)
+    print(f"synthetic dataset: {summary['n_images']} images ({summary['image_size']}px), "
+          f"{summary['n_annotations']} objects, {summary['n_refs']} expressions "
+          f"({summary['n_sentences']} sentences), seed {summary['seed']}, {summary['seconds']:.1f}s")
+    print("  types: " + ", ".join(f"{k} {v} ({100 * v / n:.0f}%)" for k, v in t.items()))
+    for split, s in summary["splits"].items():
+        print(f"  {split:<5}: {s['images']} images, {s['refs']} expressions "
+              f"(one {s['one']}, many {s['many']}, zero {s['zero']})")
+    print(f"  refs:      {summary['refs_path']}")
+    print(f"  instances: {summary['instances_path']}")
+    print(f"  images:    {summary['image_dir']}")
+    print(f"use it with: --set data.root={summary['root']} data.dataset=synthetic data.format=refzom")
+    return 0
+
+
+def cmd_stats(args) -> int:
+    if not args.root:
+        raise DmmiError("data stats: a dataset folder DIR is required")
+    if args.format not in ("refzom", "refer", "grefcoco"):
+        raise DmmiError(f"data stats: --format must be refzom, refer or grefcoco, got {args.format!r}")
+    if not Path(args.root).is_dir():
+        raise DmmiError(f"{args.root}: no such folder")
+    try:
+        from dmmi.data.stats import dataset_stats, format_stats
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("dmmi.data.stats"):
+            raise DmmiError("data stats: dmmi.data.stats is not available in this build") from None
+        raise
+    dataset = args.dataset
+    if dataset is None and args.format == "refzom":
+        # a folder written by `dmmi data synth` holds synthetic/, not ref-zom/
+        from dmmi.data.synthetic import DATASET_NAME, REFS_FILE
+
+        root = Path(args.root)
+        if not (root / "ref-zom").is_dir() and (root / DATASET_NAME / REFS_FILE).is_file():
+            dataset = DATASET_NAME
+    stats = dataset_stats(args.root, format=args.format, dataset=dataset, split_by=args.split_by)
+    if args.json:
+        print(json.dumps(stats, indent=2, sort_keys=True, default=str))
+    else:
+        print(format_stats(stats))
+    return 0
