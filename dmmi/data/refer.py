@@ -246,7 +246,11 @@ class _RefsUnpickler(pickle.Unpickler):
     _ALLOWED = {
         ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
         ("__builtin__", "set"), ("__builtin__", "frozenset"),
-        ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),  # bytes in protocol-2 pickles written by Python 3
+        ("numpy", "dtype"), ("numpy", "ndarray"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
     }
 
     def find_class(self, module: str, name: str):
@@ -259,7 +263,7 @@ class _RefsUnpickler(pickle.Unpickler):
 
 def _read_pickle(path: Path) -> Any:
     data = path.read_bytes()
-    for encoding in ("ASCII", "latin1"):  # refs files written by Python 2 need latin1
+    for encoding in ("utf-8", "latin1"):  # Python 2 str: UTF-8 text, else bytes (latin1 keeps them)
         try:
             return _RefsUnpickler(io.BytesIO(data), encoding=encoding).load()
         except UnicodeDecodeError:
@@ -298,6 +302,8 @@ def _read_instances(path: Path) -> tuple[dict[int, ImageInfo], dict[int, dict]]:
 
 
 def _as_int_list(value: Any) -> list[int]:
+    if isinstance(value, np.ndarray):
+        value = value.ravel().tolist()
     if isinstance(value, (list, tuple)):
         return [int(v) for v in value]
     return [int(value)]

@@ -206,6 +206,17 @@ def test_corrupt_refs_pickle_names_the_file(make_data):
     assert str(fx.refs_path) in str(e.value) and one_line(e)
 
 
+def test_pickle_with_numpy_values(make_data):
+    """Refs written from numpy data (np.int64 ids, an array of ann ids) still load."""
+    refs = [dict(ref_id=np.int64(1), image_id=np.int64(1), ann_id=np.array([1, 3]), split="train",
+                 sentences=[{"sent": "two", "sent_id": np.int32(4)}]),
+            dict(ref_id=2, image_id=2, ann_id=np.int64(4), split="test", sentences=[{"sent": "one", "sent_id": 5}])]
+    fx = make_data("refzom", refs=refs, images=False)
+    refs = by_id(load_refs(fx.root, "refzom"))
+    assert (refs[1].ann_ids, refs[1].type, refs[1].sentences) == ([1, 3], "many", [(4, "two")])
+    assert (refs[2].ann_ids, refs[2].type) == ([4], "one")
+
+
 class _Evil:
     def __reduce__(self):
         return (os.getcwd, ())
