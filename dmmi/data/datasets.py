@@ -50,8 +50,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
-from torch.utils.data._utils.collate import default_collate
+from torch.utils.data import Dataset, default_collate
 
 from dmmi.data.refer import Ref, RefData, load_from_config
 from dmmi.data.tokenize import Encoded, encode, load_tokenizer
