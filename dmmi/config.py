@@ -40,6 +40,7 @@ class ModelConfig:
     text_pretrained: bool = True  # False: random init from the encoder's config
     text_config: Optional[dict] = None  # BertConfig overrides for a random encoder (tests)
     text_trainable_layers: Optional[int] = None  # None = all; the authors train 10 (emb..9)
+    text_frozen: bool = False  # freeze the whole text encoder (runs without gradients)
     max_tokens: int = 20
     image_size: int = 448
     # Table 3 switches
@@ -48,6 +49,7 @@ class ModelConfig:
     i2t_decoder: bool = True  # CCR branch (needs L_sim)
     contrastive: bool = True  # contrastive head (L_con)
     decoder_transformer: bool = True  # psi in Eq. 7 (False: LAVT-like plain decoder)
+    decoder_dim: Optional[int] = None  # None = the text width (the authors)
     decoder_heads: int = 8
     decoder_ffn: int = 2048
     decoder_dropout: float = 0.1

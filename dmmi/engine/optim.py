@@ -65,7 +65,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False) -> 
     if not groups:
         raise DmmiError("build_optimizer: the model has no trainable parameters")
     on_cuda = all(p.is_cuda for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True if fused and on_cuda else None)
+    if fused and on_cuda:
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    # multi-tensor kernels on every device (PyTorch picks them by default only on CUDA)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
 
 
 def poly_factor(step: int, total_steps: int, power: float) -> float:

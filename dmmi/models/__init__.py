@@ -34,7 +34,8 @@ def build_model(cfg: ModelConfig | Config, *, text_width: Optional[int] = None) 
     text_encoder = None
     if text_width is None:
         text_encoder = TextEncoder(cfg.text_encoder, pretrained=cfg.text_pretrained,
-                                   config_overrides=cfg.text_config, trainable_layers=cfg.text_trainable_layers)
+                                   config_overrides=cfg.text_config, trainable_layers=cfg.text_trainable_layers,
+                                   frozen=cfg.text_frozen)
         text_width = text_encoder.width
     visual = build_backbone(cfg)
     # Swin hands the decoder LayerNorm(R_v) (LAVT); CNNs hand it the fused map (the authors' R101)
@@ -45,9 +46,11 @@ def build_model(cfg: ModelConfig | Config, *, text_width: Optional[int] = None) 
         for i, c in enumerate(visual.widths)
     )
     head = dict(heads=cfg.decoder_heads, ffn=cfg.decoder_ffn, dropout=cfg.decoder_dropout)
-    decoder = TextToImageDecoder(visual.widths, text_width, use_transformer=cfg.decoder_transformer, **head)
-    ccr = ContextClueRecovery(text_width, text_width, **head) if cfg.i2t_decoder else None
-    contrastive = (ContrastiveHead(text_width, text_width, pool_padding=cfg.compat == "ris-dmmi")
+    dim = cfg.decoder_dim or text_width
+    decoder = TextToImageDecoder(visual.widths, dim, use_transformer=cfg.decoder_transformer, text_dim=text_width,
+                                 **head)
+    ccr = ContextClueRecovery(dim, text_width, **head) if cfg.i2t_decoder else None
+    contrastive = (ContrastiveHead(dim, text_width, pool_padding=cfg.compat == "ris-dmmi")
                    if cfg.contrastive else None)
     return DMMI(text_encoder=text_encoder, visual=visual, fusions=fusions, decoder=decoder, ccr=ccr,
                 contrastive=contrastive, compat=cfg.compat)

@@ -1,6 +1,7 @@
 """The two decoders of DMMI (paper Fig. 2b, 2c) and the contrastive head (§3.3.2).
 
-D is the decoder width (= the text width Ct, as the transformer layers attend to words).
+D is the decoder width: the text width Ct by default (the authors), or smaller (``decoder_dim``,
+the laptop preset), in which case the words are projected to D for the decoder's attention.
 Skips s1..s4 come from the encoder at strides 4, 8, 16, 32 with widths C1..C4.
 
 * TextToImageDecoder (Eq. 7): Y4 = V4*; Y_n = psi(phi(Y_{n+1}, V_n*), E4*) for n = 3, 2; a third
@@ -72,9 +73,11 @@ class TextToImageDecoder(nn.Module):
     """Eq. 7. forward(skips [s1..s4], words (B, L, D), word_pad (B, L) or None) -> DecoderMaps."""
 
     def __init__(self, widths, dim: int, *, heads: int = 8, ffn: int = 2048, dropout: float = 0.1,
-                 use_transformer: bool = True):
+                 use_transformer: bool = True, text_dim: Optional[int] = None):
         super().__init__()
         c1, c2, c3, c4 = widths
+        # words are projected to the decoder width only when it differs from the text width
+        self.word_proj = nn.Linear(text_dim, dim) if text_dim and text_dim != dim and use_transformer else None
         self.fuse_16 = FuseUp(c4, c3, dim)
         self.query_16 = WordQueryLayer(dim, heads, ffn, dropout) if use_transformer else None
         self.fuse_8 = FuseUp(dim, c2, dim)
@@ -84,6 +87,8 @@ class TextToImageDecoder(nn.Module):
 
     def forward(self, skips, words: torch.Tensor, word_pad: Optional[torch.Tensor]) -> DecoderMaps:
         s1, s2, s3, s4 = skips
+        if self.word_proj is not None:
+            words = self.word_proj(words)  # (B, L, D)
         y16 = self.fuse_16(s4, s3)
         x = self.query_16(y16, words, word_pad) if self.query_16 is not None else y16
         y8 = self.fuse_8(x, s2)

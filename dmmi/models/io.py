@@ -22,6 +22,7 @@ import torch
 from dmmi.errors import DmmiError
 
 FORMAT = "dmmi-model"
+TRAINING_FORMAT = "dmmi-checkpoint"  # dmmi.engine.checkpoint: model + optimizer + ...; extra.config
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -76,6 +77,9 @@ def read_model_file(path: str | Path) -> tuple[dict, dict]:
     except Exception as e:  # noqa: BLE001
         first = (str(e).splitlines() or [type(e).__name__])[0][:160]
         raise DmmiError(f"{path}: not a dmmi checkpoint or it is truncated ({first})") from None
+    if isinstance(payload, dict) and payload.get("format") == TRAINING_FORMAT and \
+            isinstance(payload.get("extra"), dict) and "config" in payload["extra"]:
+        return payload["model"], payload["extra"]["config"]  # a training checkpoint (dmmi.engine)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT or "model" not in payload:
         hint = " (an authors' RIS-DMMI checkpoint? run `dmmi convert` first)" if isinstance(payload, dict) and \
             "bert_model" in payload else ""

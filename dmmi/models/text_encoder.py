@@ -46,7 +46,7 @@ class TextEncoder(nn.Module):
     """BERT-like encoder -> word features (B, L, Ct). ``width`` is Ct."""
 
     def __init__(self, name_or_path: str, *, pretrained: bool = True, config_overrides: dict | None = None,
-                 trainable_layers: int | None = None):
+                 trainable_layers: int | None = None, frozen: bool = False):
         super().__init__()
         from transformers import AutoConfig, AutoModel
 
@@ -73,6 +73,9 @@ class TextEncoder(nn.Module):
         self.name_or_path = name_or_path
         if trainable_layers is not None:
             self.freeze_after(trainable_layers)
+        self.frozen = frozen
+        if frozen:
+            self.bert.requires_grad_(False)
 
     def freeze_after(self, n_layers: int) -> None:
         """Train the embeddings and the first ``n_layers`` layers only (the authors: 10)."""
@@ -80,6 +83,13 @@ class TextEncoder(nn.Module):
             for p in layer.parameters():
                 p.requires_grad_(i < n_layers)
 
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen:
+            self.bert.eval()  # a frozen encoder never runs dropout
+        return self
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids, attention_mask: (B, L) -> word features (B, L, Ct)."""
-        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

@@ -1,0 +1,177 @@
+"""Evaluation with both protocols of SPEC §5 (DMMI and GRES) and a per-type breakdown.
+
+    results, skipped = run_evaluation(model, loader, device)
+
+Works under ``torchrun``: each rank evaluates a shard, the per-sample counts are gathered
+(duplicates from sampler padding removed by sample index) and every rank ends with the
+global figures. Bad samples (missing / corrupt images) are skipped and counted. A
+:class:`GalleryCollector` keeps the best and worst examples of each type for overlays.
+"""
+
+from __future__ import annotations
+
+import heapq
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
+
+from dmmi.data.datasets import SkipBadSamples, SkipReport, collate_skip_bad
+from dmmi.data.transforms import denormalize
+from dmmi.engine.fastpath import autocast
+from dmmi.errors import DmmiError
+from dmmi.metrics import CombinedEvaluator, mask_counts
+
+TYPES = ("zero", "one", "many")
+
+
+def evaluation_loader(dataset, cfg, info=None) -> DataLoader:
+    """A sharded (under DDP), non-shuffled loader that skips bad samples."""
+    if info is not None and info.distributed:
+        sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=False)
+    else:
+        sampler = SequentialSampler(dataset)
+    return DataLoader(SkipBadSamples(dataset), batch_size=cfg.eval.batch_size, sampler=sampler,
+                      num_workers=cfg.data.workers, collate_fn=collate_skip_bad,
+                      pin_memory=info is not None and info.device.type == "cuda")
+
+
+def selection_score(results: dict) -> float:
+    """What picks the best model on the validation split: mean of oIoU and zero-target Acc
+    when the split has zero-target samples, else oIoU (both in %)."""
+    d = results["dmmi"]
+    o = d["oIoU"] if d["oIoU"] is not None else 0.0
+    return o if d["Acc"] is None else 0.5 * (o + d["Acc"])
+
+
+class GalleryCollector:
+    """Keeps the ``k`` best and ``k`` worst samples of each type (by IoU; zero: by predicted area)."""
+
+    def __init__(self, k: int = 4):
+        self.k = k
+        self.best: dict = {t: [] for t in TYPES}
+        self.worst: dict = {t: [] for t in TYPES}
+        self._n = 0
+
+    def offer(self, batch: dict, pred: torch.Tensor) -> None:
+        inter, union, pred_area, _ = mask_counts(pred, batch["mask"].bool())
+        for i, t in enumerate(batch["type"]):
+            if t == "zero":
+                score = -float(pred_area[i])  # empty prediction is best
+            else:
+                score = float(inter[i]) / float(union[i]) if union[i] > 0 else 0.0
+            self._n += 1
+            item = (score, self._n, {"image": batch["image"][i].cpu(), "pred": pred[i].cpu(),
+                                     "gt": batch["mask"][i].cpu(), "text": batch["sentence"][i], "type": t,
+                                     "iou": None if t == "zero" else score})
+            for heap, key in ((self.best[t], score), (self.worst[t], -score)):
+                entry = (key, self._n, item[2])
+                if len(heap) < self.k:
+                    heapq.heappush(heap, entry)
+                elif key > heap[0][0]:
+                    heapq.heapreplace(heap, entry)
+
+    def write(self, out_dir: str | Path) -> list[Path]:
+        from dmmi.visualize import GalleryItem, gallery
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written = []
+        for kind, heaps in (("successes", self.best), ("failures", self.worst)):
+            for t in TYPES:
+                entries = sorted(heaps[t], key=lambda e: -e[0])
+                if not entries:
+                    continue
+                items = [GalleryItem(image=to_uint8(e[2]["image"]), mask=e[2]["pred"].numpy(),
+                                     text=e[2]["text"], type=t, iou=e[2]["iou"], gt_mask=e[2]["gt"].numpy())
+                         for e in entries]
+                written.append(gallery(items, out_dir / f"{t}_{kind}.png", columns=min(4, len(items))))
+        return written
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """(3, H, W) ImageNet-normalised -> (H, W, 3) uint8."""
+    x = denormalize(image.float().cpu()).clamp(0, 1)
+    return (x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+@torch.no_grad()
+def run_evaluation(model, loader, device, *, fast: bool = True, progress: bool = True, desc: str = "evaluate",
+                   gallery: Optional[GalleryCollector] = None):
+    """-> (results {"dmmi": ..., "gres": ...}, SkipReport). ``model``: an unwrapped DMMI."""
+    was_training = model.training
+    model.eval()
+    evaluator = CombinedEvaluator()
+    skips = SkipReport()
+    iterator = loader
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(loader, desc=desc, dynamic_ncols=True, leave=False)
+    for batch in iterator:
+        skips.update(batch)
+        if batch["index"].numel() == 0:
+            continue
+        images = batch["image"].to(device, non_blocking=True)
+        with autocast(device, fast):
+            out = model(images, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        pred = out.masks().cpu()
+        evaluator.process(pred, batch["mask"], list(batch["type"]), sample_ids=batch["index"])
+        if gallery is not None:
+            gallery.offer(batch, pred)
+    evaluator.all_reduce()
+    model.train(was_training)
+    return evaluator.evaluate(), skips
+
+
+def _apply_overrides(cfg, overrides) -> None:
+    from dmmi.config import parse_override
+
+    for item in overrides:
+        keys, value = parse_override(item)
+        if len(keys) != 2 or keys[0] not in ("data", "eval"):
+            raise DmmiError(f"--set {item!r}: evaluate only takes data.* and eval.* fields")
+        section = getattr(cfg, keys[0])
+        if not hasattr(section, keys[1]):
+            raise DmmiError(f"--set {item!r}: {keys[0]} has no field {keys[1]!r}")
+        setattr(section, keys[1], value)
+    cfg.data.__post_init__()
+
+
+def evaluate_checkpoint(checkpoint, *, data_root=None, split=None, overrides=(), device="auto", fast=True,
+                        gallery_dir=None, progress=True):
+    """Load a model file, evaluate it on a split. -> (results, SkipReport, info dict)."""
+    from dmmi.data.datasets import build_dataset
+    from dmmi.data.tokenize import load_tokenizer
+    from dmmi.engine.distributed import all_reduce_sum, cleanup, init_distributed
+    from dmmi.engine.fastpath import prepare_model
+    from dmmi.models.io import load_model_file
+
+    info = init_distributed(device)
+    try:
+        model, cfg = load_model_file(checkpoint)
+        _apply_overrides(cfg, overrides)
+        if data_root:
+            cfg.data.root = str(data_root)
+        if not cfg.data.root:
+            raise DmmiError("no dataset: pass --data DIR (the folder holding <dataset>/refs(...).p)")
+        split = split or cfg.data.test_split
+        tokenizer = load_tokenizer(cfg.model.text_encoder)
+        dataset = build_dataset(cfg.data, split, tokenizer=tokenizer, image_size=cfg.model.image_size,
+                                max_tokens=cfg.model.max_tokens, train=False)
+        loader = evaluation_loader(dataset, cfg, info)
+        collector = GalleryCollector(cfg.eval.gallery) if gallery_dir else None
+        model = prepare_model(model, info.device, fast=fast)
+        results, skips = run_evaluation(model, loader, info.device, fast=fast, progress=progress and info.is_main,
+                                        gallery=collector)
+        if info.distributed:
+            skips.count = int(all_reduce_sum(torch.tensor([skips.count], device=info.device)).item())
+        if collector is not None and info.is_main:
+            collector.write(gallery_dir)
+        meta = {"preset": cfg.preset, "dataset": cfg.data.dataset, "split": split, "samples": len(dataset),
+                "checkpoint": str(checkpoint), "is_main": info.is_main, "world_size": info.world_size}
+        return results, skips, meta
+    finally:
+        cleanup()
