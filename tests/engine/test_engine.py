@@ -1,0 +1,154 @@
+"""The three verbs end to end on CPU: train -> evaluate -> predict, resume, torchrun, errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dmmi.cli import main as cli
+from dmmi.config import load_config
+from dmmi.data.synthetic import generate
+from dmmi.engine.train import train
+from dmmi.errors import DmmiError
+from dmmi.inference import Predictor
+from dmmi.models.io import load_model_file
+
+FAST = ["train.log_every=2", "train.batch_size=4", "eval.batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    generate(root, n_images=40, seed=3, image_size=64, refs_per_image=3)
+    return root
+
+
+def _cfg(synth, out, *extra):
+    return load_config("dmmi_tiny", [f"data.root={synth}", f"train.output_dir={out}", *FAST, *extra])
+
+
+def test_train_evaluate_predict(synth, tmp_path, capsys):
+    result = train(_cfg(synth, tmp_path / "run", "train.epochs=1"), progress=False, log=lambda *a: None)
+    assert result.steps > 0 and result.best_path.is_file() and result.last_path.is_file()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss_sim" in r and "loss_con" in r for r in records)  # both auxiliary losses trained
+    assert any("val" in r for r in records)  # selected on val, never test
+    assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "curves.png").is_file()
+
+    assert cli(["evaluate", "--checkpoint", str(result.best_path), "--split", "test", "--gallery",
+                str(tmp_path / "gal"), "--json", str(tmp_path / "res.json"), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "oIoU" in printed and "cIoU" in printed
+    res = json.loads((tmp_path / "res.json").read_text())
+    counts = res["results"]["dmmi"]["counts"]
+    assert counts["total"] == res["samples"] == counts["zero"] + counts["one"] + counts["many"]
+    assert counts["zero"] > 0 and counts["many"] > 0
+    assert list((tmp_path / "gal").glob("*_successes.png"))
+
+    image = next((synth / "images").iterdir())
+    assert cli(["predict", str(image), "the red circle", "all the shapes", "--checkpoint", str(result.best_path),
+                "--out", str(tmp_path / "pred")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("->") == 2
+    masks = sorted((tmp_path / "pred").glob("*_mask.png"))
+    assert len(masks) == 2 and Image.open(masks[0]).size == Image.open(image).size
+
+    predictor = Predictor.load(result.best_path, device="cpu")
+    a = predictor.predict(image, "the red circle")
+    b = predictor.predict(str(image), ["the red circle", "a blue star"])
+    assert np.array_equal(a.mask, b[0].mask)  # loaded once, deterministic, batched or not
+    assert a.mask.shape == Image.open(image).size[::-1]
+
+
+def test_resume_continues_exactly(synth, tmp_path):
+    common = ("train.epochs=2", "data.val_split=val")
+    straight = train(_cfg(synth, tmp_path / "a", *common), progress=False, log=lambda *a: None)
+    steps_per_epoch = straight.steps // 2
+    train(_cfg(synth, tmp_path / "b", *common, f"train.max_steps={steps_per_epoch}",
+               f"train.log_every={steps_per_epoch}"), progress=False, log=lambda *a: None)
+    resumed = train(_cfg(synth, tmp_path / "b", *common), resume=str(tmp_path / "b" / "last.pt"), progress=False,
+                    log=lambda *a: None)
+    assert resumed.steps == straight.steps
+    wa = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["model"]
+    assert wa.keys() == wb.keys()
+    diff = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert diff == []
+
+
+def test_resume_refuses_another_model(synth, tmp_path):
+    train(_cfg(synth, tmp_path / "a", "train.max_steps=2"), progress=False, log=lambda *a: None)
+    with pytest.raises(DmmiError, match="checkpoint of another model"):
+        train(_cfg(synth, tmp_path / "b", "model.multi_scale=false"), resume=str(tmp_path / "a" / "last.pt"),
+              progress=False)
+
+
+def test_torchrun_two_processes_train_and_evaluate(synth, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m",
+           "dmmi.cli"]
+    out = tmp_path / "ddp"
+    subprocess.run(run + ["train", "--config", "dmmi_tiny", "--set", f"data.root={synth}", "--set",
+                          f"train.output_dir={out}", "--set", "train.max_steps=1", "--set", "train.log_every=1",
+                          "--set", "train.batch_size=2", "--set", "data.val_split=null", "--no-progress"],
+                   check=True, env=env, capture_output=True, timeout=300)
+    assert (out / "best.pt").is_file()
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["step"] == 1
+    subprocess.run(run + ["evaluate", "--checkpoint", str(out / "best.pt"), "--split", "test", "--json",
+                          str(tmp_path / "ddp.json"), "--no-progress"],
+                   check=True, env=env, capture_output=True, timeout=300)
+    res = json.loads((tmp_path / "ddp.json").read_text())
+    assert res["world_size"] == 2
+    assert res["results"]["dmmi"]["counts"]["total"] == res["samples"]  # both shards summed, no duplicates
+
+
+def test_bad_inputs_give_one_line_errors(synth, tmp_path, capsys):
+    result = train(_cfg(synth, tmp_path / "run", "train.max_steps=1", "data.val_split=null"), progress=False,
+                   log=lambda *a: None)
+    ckpt = str(result.best_path)
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("this is not an image")
+
+    def error_of(args):
+        assert cli(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0, err
+        return err
+
+    assert "cannot read image" in error_of(["predict", str(not_image), "a cat", "--checkpoint", ckpt])
+    assert "empty expression" in error_of(["predict", str(not_image), "  ", "--checkpoint", ckpt])
+    assert "checkpoint not found" in error_of(["predict", str(not_image), "a", "--checkpoint", "nope.pt"])
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in error_of(["predict", str(not_image), "a", "--checkpoint", ckpt, "--device",
+                                             "cuda"])
+    with pytest.raises(DmmiError, match="preset 'dmmi_tiny', but 'dmmi_lite'"):
+        Predictor.load(ckpt, expect_preset="dmmi_lite")
+    model, cfg = load_model_file(ckpt)
+    assert cfg.preset == "dmmi_tiny"
+
+
+def test_evaluation_skips_and_counts_bad_samples(tmp_path, capsys):
+    root = tmp_path / "synth"
+    generate(root, n_images=12, seed=5, image_size=64, refs_per_image=2)
+    result = train(load_config("dmmi_tiny", [f"data.root={root}", f"train.output_dir={tmp_path / 'r'}",
+                                             "train.max_steps=1", "data.val_split=null", *FAST]),
+                   progress=False, log=lambda *a: None)
+    import pickle
+
+    refs = pickle.loads((root / "synthetic" / "refs(final).p").read_bytes())
+    test_images = {r["image_id"] for r in refs if r["split"] == "test"}
+    meta = json.loads((root / "synthetic" / "instances.json").read_text())
+    victim = next(im for im in meta["images"] if im["id"] in test_images)
+    (root / "images" / victim["file_name"]).write_bytes(b"corrupt")
+    n_bad = sum(len(r["sentences"]) for r in refs if r["image_id"] == victim["id"] and r["split"] == "test")
+    assert cli(["evaluate", "--checkpoint", str(result.best_path), "--data", str(root), "--split", "test",
+                "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"skipped {n_bad} bad sample" in out
