@@ -27,6 +27,9 @@ def register(subparsers) -> None:
     synth.add_argument("--size", metavar="PX", default=128, help="image side in pixels (default 128)")
     synth.add_argument("--refs-per-image", metavar="K", default=4,
                        help="expressions per image (default 4)")
+    synth.add_argument("--max-objects", metavar="K", default=5, help="at most K shapes per image, 2..6 (default 5)")
+    synth.add_argument("--hard-share", metavar="F", default=0.65,
+                       help="share of zero-target expressions that are hard negatives, 0..1 (default 0.65)")
     synth.add_argument("--json", action="store_true", help="print the summary as JSON")
     synth.set_defaults(func=cmd_synth)
 
@@ -64,13 +67,23 @@ def cmd_synth(args) -> int:
     seed = _int("--seed", args.seed)
     size = _int("--size", args.size)
     refs_per_image = _int("--refs-per-image", args.refs_per_image)
+    max_objects = _int("--max-objects", args.max_objects)
+    try:
+        hard_share = float(args.hard_share)
+    except ValueError:
+        raise DmmiError(f"data synth: --hard-share expects a number in [0, 1], got {args.hard_share!r}") from None
+    if not 2 <= max_objects <= 6:
+        raise DmmiError(f"data synth: --max-objects must be in 2..6, got {max_objects}")
+    if not 0.0 <= hard_share <= 1.0:
+        raise DmmiError(f"data synth: --hard-share must be in [0, 1], got {hard_share}")
     if images < 1:
         raise DmmiError(f"data synth: --images must be >= 1, got {images}")
     if size < 64:
         raise DmmiError(f"data synth: --size must be >= 64 pixels, got {size}")
     if refs_per_image < 1:
         raise DmmiError(f"data synth: --refs-per-image must be >= 1, got {refs_per_image}")
-    summary = generate(args.out, n_images=images, seed=seed, image_size=size, refs_per_image=refs_per_image)
+    summary = generate(args.out, n_images=images, seed=seed, image_size=size, refs_per_image=refs_per_image,
+                       max_objects=max_objects, hard_share=hard_share)
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))
         return 0

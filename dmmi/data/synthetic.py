@@ -379,8 +379,12 @@ def _zero(rng, objs, side, hard: bool) -> Optional[Query]:
     return Query("single", (p,))
 
 
-def make_query(rng, objs: Sequence[Obj], side: int, ref_type: str) -> Optional[Query]:
-    """A query of the requested type (or None when the image does not allow one)."""
+def make_query(rng, objs: Sequence[Obj], side: int, ref_type: str, hard_share: float = 0.65) -> Optional[Query]:
+    """A query of the requested type (or None when the image does not allow one).
+
+    ``hard_share``: share of zero-target queries that are hard negatives (the rest name a
+    value absent from the image; either falls back to the other when impossible).
+    """
     u = rng.random()
     if ref_type == "one":
         order = (_one_attr, _one_position) if u < 0.6 else (_one_position, _one_attr)
@@ -395,7 +399,7 @@ def make_query(rng, objs: Sequence[Obj], side: int, ref_type: str) -> Optional[Q
             q = _many_plural(rng, objs, side, allow_all=u > 0.85)
         return q if q is not None else _many_plural(rng, objs, side, allow_all=True)
     elif ref_type == "zero":
-        hard = u < 0.65
+        hard = u < hard_share
         q = _zero(rng, objs, side, hard)
         return q if q is not None else _zero(rng, objs, side, not hard)
     else:
@@ -582,7 +586,7 @@ def _split_of(rank: int, n: int, ratios: Sequence[float]) -> str:
     return "test"
 
 
-def _check_args(n_images, image_size, refs_per_image, min_objects, max_objects, split_ratios):
+def _check_args(n_images, image_size, refs_per_image, min_objects, max_objects, split_ratios, hard_share):
     if not isinstance(n_images, (int, np.integer)) or n_images < 1:
         raise DmmiError(f"synthetic: n_images must be a positive integer, got {n_images!r}")
     if not isinstance(image_size, (int, np.integer)) or image_size < 64:
@@ -591,6 +595,8 @@ def _check_args(n_images, image_size, refs_per_image, min_objects, max_objects, 
         raise DmmiError(f"synthetic: refs_per_image must be >= 1, got {refs_per_image}")
     if not 2 <= min_objects <= max_objects <= 6:
         raise DmmiError(f"synthetic: need 2 <= min_objects <= max_objects <= 6, got {min_objects}, {max_objects}")
+    if not 0.0 <= hard_share <= 1.0:
+        raise DmmiError(f"synthetic: hard_share must be in [0, 1], got {hard_share}")
     if len(split_ratios) != 3 or any(r < 0 for r in split_ratios) or sum(split_ratios) <= 0:
         raise DmmiError(f"synthetic: split_ratios must be 3 non-negative numbers (train, val, test), got {split_ratios}")
 
@@ -605,8 +611,15 @@ def generate(
     max_objects: int = 5,
     split_ratios: Sequence[float] = (0.8, 0.1, 0.1),
     max_sentences: int = 2,
+    hard_share: float = 0.65,
 ) -> dict:
     """Write the synthetic dataset under ``out_dir`` (Ref-ZOM layout) and return a summary.
+
+    ``n_images`` images of ``image_size``² pixels holding ``min_objects``..``max_objects``
+    shapes, ``refs_per_image`` expressions each (1 to ``max_sentences`` wordings per
+    expression), split by image into train/val/test by ``split_ratios``. Difficulty knobs:
+    fewer objects, and ``hard_share`` (the share of zero-target expressions that are hard
+    negatives; 0 = every zero-target names a colour/shape/size absent from the image).
 
     Returns ``{'root', 'dataset', 'refs_path', 'instances_path', 'image_dir', 'n_images',
     'n_annotations', 'n_refs', 'n_sentences', 'types': {one, many, zero}, 'splits':
@@ -614,7 +627,7 @@ def generate(
     'seed', 'seconds'}``.
     """
     t0 = time.perf_counter()
-    _check_args(n_images, image_size, refs_per_image, min_objects, max_objects, split_ratios)
+    _check_args(n_images, image_size, refs_per_image, min_objects, max_objects, split_ratios, hard_share)
     from PIL import Image
 
     root = Path(out_dir)
@@ -669,7 +682,7 @@ def generate(
             for t in tries:
                 q = None
                 for _attempt in range(4):
-                    q = make_query(rng, objs, side, t)
+                    q = make_query(rng, objs, side, t, hard_share)
                     if q is not None and q.key() not in used:
                         break
                     q = None

@@ -60,6 +60,9 @@ def test_synth_json_summary(tmp_path, capsys):
         (["data", "synth", "--out", "X", "--images", "ten"], ["--images", "ten"]),
         (["data", "synth", "--out", "X", "--size", "16"], ["--size"]),
         (["data", "synth", "--out", "X", "--seed", "1.5"], ["--seed"]),
+        (["data", "synth", "--out", "X", "--max-objects", "9"], ["--max-objects"]),
+        (["data", "synth", "--out", "X", "--hard-share", "2"], ["--hard-share"]),
+        (["data", "synth", "--out", "X", "--hard-share", "lots"], ["--hard-share"]),
     ],
 )
 def test_synth_bad_arguments_one_line(tmp_path, capsys, monkeypatch, args, needles):

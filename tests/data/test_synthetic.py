@@ -351,6 +351,37 @@ def test_zero_targets_include_hard_negatives(data):
     assert hard >= 0.4 * (hard + absent) and absent >= 3, (hard, absent)
 
 
+def _hard_and_absent(root, refs):
+    coco = COCO(str(root / "synthetic" / "instances.json"))
+    hard = absent = 0
+    for r in refs:
+        if r.get("source") != "zero":
+            continue
+        scene = Scene(root, coco, r["image_id"])
+        q = parse_phrase(r["sentences"][0]["sent"])
+        if all(any(o[k] == v for o in scene.objs) for k, v in q["attrs"].items()):
+            hard += 1
+        else:
+            absent += 1
+    return hard, absent
+
+
+def test_hard_share_knob(tmp_path):
+    syn.generate(tmp_path / "easy", n_images=30, seed=1, hard_share=0.0, max_objects=3)
+    refs = pickle.loads((tmp_path / "easy" / "synthetic" / "refs(final).p").read_bytes())
+    hard, absent = _hard_and_absent(tmp_path / "easy", refs)
+    assert hard == 0 and absent > 10
+    coco = COCO(str(tmp_path / "easy" / "synthetic" / "instances.json"))
+    per_image = np.bincount([a["image_id"] for a in coco.dataset["annotations"]])[1:]
+    assert per_image.min() >= 2 and per_image.max() <= 3
+    syn.generate(tmp_path / "hard", n_images=30, seed=1, hard_share=1.0)
+    refs = pickle.loads((tmp_path / "hard" / "synthetic" / "refs(final).p").read_bytes())
+    hard, absent = _hard_and_absent(tmp_path / "hard", refs)
+    assert hard >= 0.85 * (hard + absent)  # fallback to absent only where no hard negative exists
+    with pytest.raises(DmmiError, match="hard_share"):
+        syn.generate(tmp_path / "bad", n_images=2, hard_share=1.5)
+
+
 def test_position_words_pick_the_extreme_object(data):
     root, _, refs, _, coco = data
     n = 0
