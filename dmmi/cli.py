@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "dmmi.data.cli",  # data synth, data stats
     "dmmi.convert",  # convert
     "dmmi.info",  # presets
+    "dmmi.serve",  # serve
 )
 
 

@@ -1,0 +1,405 @@
+"""``dmmi serve``: segment your own images from a web page, or through a small JSON API.
+
+    dmmi serve --checkpoint runs/demo/best.pt          # then open http://127.0.0.1:7860
+
+Standard library only (``http.server``): the model is loaded once and every request that
+runs it holds one lock, so requests are answered one at a time while pages and static
+files are still served in parallel.
+
+Routes
+------
+``GET /``                 the page (``dmmi/web/index.html`` with its ``app.js`` / ``style.css``)
+``GET /api/info``         ``{"model": {"preset", "image_size", "device"}, "examples": [...], "limits": {...}}``
+``POST /api/predict``     multipart/form-data: one ``image`` file and one or more ``text``
+                          fields (a field may hold several expressions, one per line) ->
+                          ``{"results": [{"text", "no_target", "foreground",
+                          "overlay_png_base64", "mask_png_base64"}], "image": {"width",
+                          "height"}, "model": {"preset"}}``; results follow the expressions'
+                          order; masks are 8-bit grey PNGs (255 = referred) at the image's size;
+                          overlays are downscaled to at most ``overlay_max_side`` px (an optional
+                          field, default 1280; 0 = the image's size).
+Bad input gets a 4xx status and ``{"error": "one line"}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import sys
+import threading
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from email.parser import HeaderParser
+from email.policy import HTTP
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Optional
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from dmmi.errors import DmmiError
+
+WEB_DIR = Path(__file__).parent / "web"
+STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                ".css": "text/css; charset=utf-8", ".png": "image/png", ".svg": "image/svg+xml",
+                ".ico": "image/x-icon"}
+
+MAX_REQUEST_MB = 20.0  # whole multipart body
+MAX_PIXELS = 40_000_000  # decoded image: width * height
+MAX_EXPRESSIONS = 16
+MAX_EXPRESSION_CHARS = 300
+OVERLAY_MAX_SIDE = 1280  # overlays are for looking at: larger images are shown downscaled
+LOGIT_PIXELS = 32_000_000  # expressions per model call: at most this many full-size pixels
+
+# chips on the page; the synthetic set's vocabulary when the model was trained on it
+SYNTHETIC_EXAMPLES = ("the red circle", "all the blue shapes", "both squares", "the leftmost shape",
+                      "the small green triangle and the big star", "the purple dog")
+GENERIC_EXAMPLES = ("the man on the left", "all the people", "the two dogs", "the cup on the table",
+                    "everything that is red", "the giraffe")
+
+
+class RequestError(Exception):
+    """Bad input: answered with ``status`` and ``{"error": message}`` (one line)."""
+
+    def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST):
+        super().__init__(" ".join(str(message).split()))
+        self.status = int(status)
+
+
+# ---------------------------------------------------------------------------- multipart
+
+
+@dataclass
+class Part:
+    name: str
+    data: bytes
+    filename: Optional[str] = None
+    content_type: Optional[str] = None
+
+
+def _header_params(content_type: str) -> tuple[str, dict]:
+    """'multipart/form-data; boundary=x' -> ('multipart/form-data', {'boundary': 'x'})."""
+    msg = HeaderParser(policy=HTTP).parsestr(f"Content-Type: {content_type}\r\n\r\n")
+    return msg.get_content_type(), dict(msg["content-type"].params)
+
+
+def parse_multipart(body: bytes, content_type: str) -> list[Part]:
+    """Split a multipart/form-data body (RFC 7578) into its parts, bytes kept exactly."""
+    kind, params = _header_params(content_type or "")
+    if kind != "multipart/form-data":
+        raise RequestError("send the form as multipart/form-data (an 'image' file and 'text' fields)",
+                           HTTPStatus.UNSUPPORTED_MEDIA_TYPE)
+    boundary = params.get("boundary")
+    if not boundary or len(boundary) > 200:
+        raise RequestError("multipart body without a boundary in its Content-Type")
+    delimiter = b"\r\n--" + boundary.encode("latin-1")
+    sections = (b"\r\n" + body).split(delimiter)
+    if len(sections) < 2:
+        raise RequestError("malformed multipart body: no part found")
+    parts: list[Part] = []
+    closed = False
+    for section in sections[1:]:  # sections[0] is the preamble
+        if section.startswith(b"--"):
+            closed = True
+            break
+        head_end = section.find(b"\r\n")  # rest of the delimiter line (transport padding)
+        block = section[head_end + 2:] if head_end >= 0 else b""
+        raw_headers, sep, data = block.partition(b"\r\n\r\n")
+        if not sep:
+            raise RequestError("malformed multipart body: a part has no header/body separator")
+        # browsers send UTF-8 file names as raw bytes
+        headers = HeaderParser(policy=HTTP).parsestr(raw_headers.decode("utf-8", errors="replace") + "\r\n\r\n")
+        disposition = headers.get("content-disposition")
+        if disposition is None or disposition.content_disposition != "form-data":
+            raise RequestError("malformed multipart body: a part is not form-data")
+        name = disposition.params.get("name")
+        if name is None:
+            raise RequestError("malformed multipart body: a part has no name")
+        filename = disposition.params.get("filename")
+        ctype = headers.get_content_type() if headers.get("content-type") else None
+        parts.append(Part(name=str(name), data=data, filename=filename, content_type=ctype))
+    if not closed:
+        raise RequestError("malformed multipart body: it was cut off (no closing boundary)")
+    return parts
+
+
+# ---------------------------------------------------------------------------- requests
+
+
+def read_expressions(fields: list[str]) -> list[str]:
+    """Every ``text`` field, split into lines; blank lines are dropped, a blank field is an error."""
+    if not fields:
+        raise RequestError("no expression: add a 'text' field, e.g. \"the dog on the left\"")
+    texts: list[str] = []
+    for value in fields:
+        lines = [" ".join(line.split()) for line in value.splitlines()]
+        lines = [line for line in lines if line]
+        if not lines:
+            raise RequestError("empty expression: type some words, e.g. \"the dog on the left\"")
+        texts += lines
+    if len(texts) > MAX_EXPRESSIONS:
+        raise RequestError(f"too many expressions: {len(texts)} (at most {MAX_EXPRESSIONS} per request)")
+    for t in texts:
+        if len(t) > MAX_EXPRESSION_CHARS:
+            raise RequestError(f"expression too long: {len(t)} characters (at most {MAX_EXPRESSION_CHARS})")
+    return texts
+
+
+def decode_image(data: bytes, filename: Optional[str] = None):
+    """Uploaded bytes -> RGB PIL image, turned upright by its EXIF orientation."""
+    from PIL import Image, ImageOps
+
+    what = f"'{filename}'" if filename else "the upload"
+    if not data:
+        raise RequestError(f"{what} is empty: choose an image file (PNG, JPEG, WebP, ...)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                if im.width * im.height > MAX_PIXELS:
+                    raise RequestError(f"image too large: {im.width}x{im.height} pixels "
+                                       f"(at most {MAX_PIXELS // 1_000_000} megapixels)", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+                im.load()  # decode now: truncated files fail here
+                im = ImageOps.exif_transpose(im)
+                return im.convert("RGB")
+    except RequestError:
+        raise
+    except Exception as e:  # UnidentifiedImageError, OSError (truncated), DecompressionBomb...
+        reason = "not an image" if type(e).__name__ == "UnidentifiedImageError" else f"{type(e).__name__}: {e}"
+        raise RequestError(f"cannot read {what} as an image ({reason}); choose a PNG, JPEG or WebP file") from None
+
+
+def _png_base64(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=3)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+@dataclass
+class App:
+    """What the handlers share: the predictor, its lock and the limits."""
+
+    predictor: object
+    max_request_bytes: int = int(MAX_REQUEST_MB * 1024 * 1024)
+    quiet: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def preset(self) -> str:
+        return str(getattr(self.predictor.cfg, "preset", "custom"))
+
+    def info(self) -> dict:
+        cfg = self.predictor.cfg
+        synthetic = getattr(getattr(cfg, "data", None), "dataset", None) == "synthetic"
+        return {
+            "model": {"preset": self.preset, "image_size": int(self.predictor.size),
+                      "device": str(self.predictor.device)},
+            "examples": list(SYNTHETIC_EXAMPLES if synthetic else GENERIC_EXAMPLES),
+            "limits": {"request_mb": round(self.max_request_bytes / 2**20, 1), "megapixels": MAX_PIXELS // 1_000_000,
+                       "expressions": MAX_EXPRESSIONS, "expression_chars": MAX_EXPRESSION_CHARS,
+                       "overlay_max_side": OVERLAY_MAX_SIDE},
+        }
+
+    def predict(self, body: bytes, content_type: str) -> dict:
+        from PIL import Image
+
+        from dmmi.visualize import overlay
+
+        parts = parse_multipart(body, content_type)
+        images = [p for p in parts if p.name == "image"]
+        if not images:
+            raise RequestError("no image: add an 'image' file to the form")
+        if len(images) > 1:
+            raise RequestError(f"one image per request, got {len(images)}")
+        texts = read_expressions([p.data.decode("utf-8", errors="replace") for p in parts if p.name == "text"])
+        overlay_side = _int_field(parts, "overlay_max_side", OVERLAY_MAX_SIDE)
+        image = decode_image(images[0].data, images[0].filename)
+        width, height = image.size
+        per_call = max(1, LOGIT_PIXELS // (width * height))  # bounds the full-size logits' memory
+        predictions = []
+        with self.lock:  # one model call at a time
+            try:
+                for i in range(0, len(texts), per_call):
+                    predictions += self.predictor.predict(image, texts[i:i + per_call])
+            except DmmiError as e:
+                raise RequestError(str(e)) from None
+        shown = image
+        if overlay_side and max(width, height) > overlay_side:
+            scale = overlay_side / max(width, height)
+            shown = image.resize((max(1, round(width * scale)), max(1, round(height * scale))),
+                                 Image.Resampling.BILINEAR)
+        results = []
+        for pred in predictions:
+            mask = Image.fromarray(pred.mask.astype("uint8") * 255, mode="L")
+            shown_mask = mask if shown is image else mask.resize(shown.size, Image.Resampling.NEAREST)
+            results.append({
+                "text": pred.text,
+                "no_target": bool(pred.no_target),
+                "foreground": round(float(pred.foreground), 6),
+                "overlay_png_base64": _png_base64(overlay(shown, np.asarray(shown_mask) > 0)),
+                "mask_png_base64": _png_base64(mask),
+            })
+        return {"results": results, "image": {"width": width, "height": height},
+                "model": {"preset": self.preset}}
+
+
+def _int_field(parts: list[Part], name: str, default: int) -> int:
+    values = [p.data.decode("utf-8", errors="replace").strip() for p in parts if p.name == name]
+    if not values:
+        return default
+    if len(values) > 1 or not values[0].isdigit():
+        raise RequestError(f"'{name}' must be one whole number >= 0 (0: full size), got {', '.join(values)!r}")
+    return int(values[0])
+
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "dmmi-serve"
+    protocol_version = "HTTP/1.1"
+    timeout = 120  # seconds a client may stay silent mid-request (or idle between keep-alive requests)
+    app: App  # set on the subclass made by make_server
+
+    # -- plumbing
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, payload: dict) -> None:
+        self._send(status, json.dumps(payload).encode("utf-8"), "application/json")
+
+    def _error(self, status: int, message: str) -> None:
+        self._json(status, {"error": " ".join(message.split())})
+
+    def log_message(self, format, *args) -> None:  # noqa: A002 (the base class's name)
+        if not self.app.quiet:
+            sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {self.address_string()} {format % args}\n")
+
+    # -- routes
+    def do_GET(self) -> None:  # noqa: N802
+        path = urlsplit(self.path).path
+        if path == "/api/info":
+            return self._json(HTTPStatus.OK, self.app.info())
+        if path == "/api/predict":
+            return self._error(HTTPStatus.METHOD_NOT_ALLOWED, "use POST for /api/predict")
+        name = "index.html" if path in ("/", "/index.html") else path.lstrip("/")
+        static = WEB_DIR / name
+        # only plain files directly in dmmi/web/, no paths
+        if "/" in name or "\\" in name or name.startswith(".") or not static.is_file() \
+                or static.suffix not in STATIC_TYPES:
+            return self._error(HTTPStatus.NOT_FOUND, f"not found: {path}")
+        self._send(HTTPStatus.OK, static.read_bytes(), STATIC_TYPES[static.suffix])
+
+    do_HEAD = do_GET
+
+    def handle_expect_100(self) -> bool:
+        """Refuse a too-large upload before the client sends it (curl asks first)."""
+        length = self.headers.get("Content-Length", "")
+        if length.strip().isdigit() and int(length) > self.app.max_request_bytes:
+            self.close_connection = True
+            self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request too large: {int(length) / 2**20:.1f} MB "
+                        f"(at most {self.app.max_request_bytes / 2**20:.1f} MB)")
+            return False
+        return super().handle_expect_100()
+
+    def do_POST(self) -> None:  # noqa: N802
+        path = urlsplit(self.path).path
+        if path != "/api/predict":
+            self.close_connection = True
+            return self._error(HTTPStatus.NOT_FOUND, f"not found: POST {path}")
+        length = self.headers.get("Content-Length")
+        if length is None or not length.strip().isdigit():
+            self.close_connection = True
+            return self._error(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length header")
+        length = int(length)
+        limit = self.app.max_request_bytes
+        if length > limit:
+            self.close_connection = True  # the body is not read
+            return self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                               f"request too large: {length / 2**20:.1f} MB (at most {limit / 2**20:.1f} MB)")
+        body = self.rfile.read(length)
+        if len(body) < length:
+            self.close_connection = True
+            return self._error(HTTPStatus.BAD_REQUEST, "request body cut off before Content-Length bytes")
+        try:
+            payload = self.app.predict(body, self.headers.get("Content-Type", ""))
+        except RequestError as e:
+            return self._error(e.status, str(e))
+        except Exception as e:  # a bug: say so in one line, keep the traceback on the console
+            traceback.print_exc(file=sys.stderr)
+            return self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {type(e).__name__}: {e}")
+        self._json(HTTPStatus.OK, payload)
+
+
+class DmmiServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}/"
+
+
+def make_server(predictor, host: str = "127.0.0.1", port: int = 7860, *, max_request_mb: float = MAX_REQUEST_MB,
+                quiet: bool = False) -> DmmiServer:
+    """Bind (port 0 picks a free one) without serving yet; call ``serve_forever()``."""
+    app = App(predictor, max_request_bytes=int(max_request_mb * 1024 * 1024), quiet=quiet)
+    handler = type("DmmiHandler", (Handler,), {"app": app})
+    try:
+        server = DmmiServer((host, port), handler)
+    except OSError as e:
+        raise DmmiError(f"cannot listen on {host}:{port}: {e.strerror or e}"
+                        f"{' (try another --port)' if port else ''}") from None
+    server.app = app
+    return server
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="a web page (and JSON API) to segment your own images")
+    p.add_argument("--checkpoint", required=True, help="a trained model (best.pt, .safetensors, ...)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks a free one)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--reference", action="store_true", help="fp32 reference mode instead of the fast mode")
+    p.add_argument("--max-mb", type=float, default=MAX_REQUEST_MB,
+                   help=f"largest request accepted, in MB (default {MAX_REQUEST_MB:g})")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    from dmmi.inference import Predictor
+
+    if not 0 <= args.port <= 65535:
+        raise DmmiError(f"--port must be in 0-65535, got {args.port}")
+    if args.max_mb <= 0:
+        raise DmmiError(f"--max-mb must be > 0, got {args.max_mb:g}")
+    if not (WEB_DIR / "index.html").is_file():
+        raise DmmiError(f"the web page is missing from the installation: {WEB_DIR / 'index.html'}")
+    predictor = Predictor.load(args.checkpoint, device=args.device, fast=not args.reference)
+    server = make_server(predictor, args.host, args.port, max_request_mb=args.max_mb)
+    info = server.app.info()["model"]
+    shown = server.url if args.host not in ("0.0.0.0", "::") else f"http://localhost:{server.server_address[1]}/"
+    print(f"dmmi serve: {info['preset']} on {info['device']} ({info['image_size']} px input)")
+    print(f"open {shown}  (API: POST {shown}api/predict; Ctrl+C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("\ndmmi serve: stopped")
+    finally:
+        server.server_close()
+    return 0
