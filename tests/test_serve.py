@@ -244,6 +244,20 @@ def test_bad_requests(base, predictor):
         assert status == 413 and "request too large" in json.loads(data)["error"]
 
 
+def test_a_bug_is_a_one_line_500(photo, capsys):
+    class Broken:
+        cfg, size, device = type("Cfg", (), {"preset": "broken"})(), 64, "cpu"
+
+        def predict(self, image, texts):
+            raise RuntimeError("boom\nsecond line")
+
+    with running_server(Broken()) as url:
+        status, out = post_predict(url, [_png(photo), ("text", "a cat")])
+        assert status == 500 and out == {"error": "internal error: RuntimeError: boom second line"}
+        assert request(url + "api/info")[0] == 200  # still serving
+    assert "Traceback" in capsys.readouterr().err  # the details stay on the console
+
+
 def test_multipart_keeps_bytes_exactly():
     blob = bytes(range(256)) * 4 + b"\r\n\r\n--\r\n" + b"\r" + b"\n"
     body, ctype = multipart([("image", ("a b.png", blob, "image/png")), ("text", "line 1\r\nline 2"),

@@ -49,7 +49,7 @@ def server(tmp_path_factory):
 def scene(tmp_path_factory):
     """A synthetic image with one expression that refers to one object and one that refers to many."""
     root = tmp_path_factory.mktemp("scene")
-    generate(root, n_images=6, seed=5, image_size=256, min_objects=3)
+    generate(root, n_images=6, seed=8, image_size=256, min_objects=3)
     refs = pickle.loads((root / "synthetic" / "refs(final).p").read_bytes())
     for name in sorted({r["file_name"] for r in refs}):
         mine = [r for r in refs if r["file_name"] == name]
