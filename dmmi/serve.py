@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import signal
 import sys
 import threading
 import time
@@ -381,6 +382,10 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def cmd_serve(args) -> int:
     from dmmi.inference import Predictor
 
@@ -396,6 +401,8 @@ def cmd_serve(args) -> int:
     shown = server.url if args.host not in ("0.0.0.0", "::") else f"http://localhost:{server.server_address[1]}/"
     print(f"dmmi serve: {info['preset']} on {info['device']} ({info['image_size']} px input)")
     print(f"open {shown}  (API: POST {shown}api/predict; Ctrl+C to stop)", flush=True)
+    if threading.current_thread() is threading.main_thread():  # `kill` / a container stop: as Ctrl+C
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
