@@ -175,8 +175,46 @@ def _build(cls, d: Any, where: str):
         if key not in names:
             raise DmmiError(f"{where}: unknown field {key!r} (known: {', '.join(names)})")
         sub = _SECTIONS.get((cls, key))
-        kwargs[key] = _build(sub, value, f"{where}.{key}") if sub is not None else value
+        kwargs[key] = _build(sub, value, f"{where}.{key}") if sub is not None else \
+            _coerce(value, _field_types(cls)[key], f"{where}.{key}")
     return cls(**kwargs)
+
+
+def _field_types(cls) -> dict:
+    import typing
+
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Make YAML/CLI values fit the field's type: '1e-3' -> 1e-3 (YAML 1.1 reads it as a
+    string), 3 -> 3.0 for floats; a value that cannot fit is a one-line error."""
+    import typing
+
+    if value is None:
+        return None
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is typing.Union:  # Optional[X]
+        tp = next(a for a in args if a is not type(None))
+    if tp is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            raise DmmiError(f"{where}: expected a number, got {value!r}") from None
+    if tp is int and isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            raise DmmiError(f"{where}: expected an integer, got {value!r}") from None
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if tp is bool and not isinstance(value, bool):
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise DmmiError(f"{where}: expected true or false, got {value!r}")
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return value
 
 
 _SECTIONS = {
@@ -225,9 +263,10 @@ def _resolve_raw(name_or_path: str, depth: int = 0) -> dict:
         raw = _read_yaml(path)
         name = name_or_path
     base = raw.pop("base", None)
+    own_name = raw.get("preset") or name  # a derived preset keeps its own name, not its base's
     if base:
         raw = _merge(_resolve_raw(base, depth + 1), raw)
-    raw.setdefault("preset", name)
+    raw["preset"] = own_name
     return raw
 
 
