@@ -55,6 +55,7 @@ MAX_PIXELS = 40_000_000  # decoded image: width * height
 MAX_EXPRESSIONS = 16
 MAX_EXPRESSION_CHARS = 300
 OVERLAY_MAX_SIDE = 1280  # overlays are for looking at: larger images are shown downscaled
+OVERLAY_COLOR = (0, 220, 255)  # cyan: stands out on red, green, blue and yellow objects alike
 LOGIT_PIXELS = 32_000_000  # expressions per model call: at most this many full-size pixels
 
 # chips on the page; the synthetic set's vocabulary when the model was trained on it
@@ -242,7 +243,8 @@ class App:
                 "text": pred.text,
                 "no_target": bool(pred.no_target),
                 "foreground": round(float(pred.foreground), 6),
-                "overlay_png_base64": _png_base64(overlay(shown, np.asarray(shown_mask) > 0)),
+                "overlay_png_base64": _png_base64(overlay(shown, np.asarray(shown_mask) > 0, color=OVERLAY_COLOR,
+                                                          outline_width=max(2, round(max(shown.size) / 160)))),
                 "mask_png_base64": _png_base64(mask),
             })
         return {"results": results, "image": {"width": width, "height": height},
