@@ -40,7 +40,8 @@ from typing import ContextManager, Optional
 import torch
 from torch import nn
 
-__all__ = ["autocast", "autocast_dtype", "prepare_model", "prepare_images", "fused_adamw_ok", "describe"]
+__all__ = ["autocast", "autocast_dtype", "prepare_model", "prepare_images", "fused_adamw_ok", "configure_backends",
+           "describe"]
 
 _FUSED_ADAMW_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -69,9 +70,11 @@ def autocast(device, fast: bool, *, cpu_bf16: bool = False) -> ContextManager:
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _configure_backends(device: torch.device, fast: bool) -> None:
-    """Process-wide precision flags for CUDA (no effect elsewhere). Reference mode restores
-    PyTorch's defaults, so a process may switch between the modes (the benchmarks do)."""
+def configure_backends(device, fast: bool) -> None:
+    """Set the process-wide CUDA precision flags of the mode (no effect on other devices):
+    fast = TF32 matmuls + cuDNN autotuning; reference = PyTorch's defaults. Called by
+    :func:`prepare_model`; call it again when one process alternates modes (the benchmarks)."""
+    device = _device(device)
     if device.type != "cuda":
         return
     torch.backends.cuda.matmul.allow_tf32 = fast  # default False: fp32 matmuls stay fp32
@@ -85,13 +88,13 @@ def prepare_model(model: nn.Module, device, fast: bool, compile: bool = False) -
     fast: convolution weights in channels_last (4-D parameters only, i.e. the CNN parts;
     every parameter keeps its name and values), TF32 and cuDNN autotuning on CUDA.
     compile: ``torch.compile`` in place (``nn.Module.compile``), only when asked; state-dict
-    keys do not change. Precision flags are process-wide (see :func:`_configure_backends`).
+    keys do not change. Precision flags are process-wide (see :func:`configure_backends`).
     """
     device = _device(device)
     model = model.to(device)
     if fast:
         model = model.to(memory_format=torch.channels_last)
-    _configure_backends(device, fast)
+    configure_backends(device, fast)
     if compile:
         model.compile()
     return model

@@ -250,5 +250,5 @@ def test_cuda_fused_adamw_step(cfg):
 
 def test_backend_flags_only_touch_cuda():
     before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark)
-    fastpath._configure_backends(torch.device("cpu"), True)
+    fastpath.configure_backends(torch.device("cpu"), True)
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark) == before
