@@ -21,11 +21,12 @@ from dmmi.errors import DmmiError
 SYNTH_IMAGES = 800
 SYNTH_SEED = 0
 SYNTH_SIZE = 128
+SYNTH_VERSION = 1  # bump when the generator changes, so a stale cached copy is not reused
 
 
 def default_data_dir() -> Path:
     base = Path(os.environ.get("DMMI_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dmmi")
-    return base / f"synthetic-n{SYNTH_IMAGES}-s{SYNTH_SEED}-px{SYNTH_SIZE}"
+    return base / f"synthetic-v{SYNTH_VERSION}-n{SYNTH_IMAGES}-s{SYNTH_SEED}-px{SYNTH_SIZE}"
 
 
 def ensure_synthetic(data_dir: Optional[str | Path] = None, log=print) -> Path:
@@ -38,7 +39,7 @@ def ensure_synthetic(data_dir: Optional[str | Path] = None, log=print) -> Path:
     t = time.time()
     summary = generate(data_dir, n_images=SYNTH_IMAGES, seed=SYNTH_SEED, image_size=SYNTH_SIZE)
     log(f"synthetic dataset: generated {data_dir} in {time.time() - t:.0f} s "
-        f"({summary.get('images', SYNTH_IMAGES)} images, {summary.get('refs', '?')} expressions)")
+        f"({summary['n_images']} images, {summary['n_refs']} expressions)")
     return data_dir
 
 

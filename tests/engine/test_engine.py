@@ -152,3 +152,18 @@ def test_evaluation_skips_and_counts_bad_samples(tmp_path, capsys):
                 "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert f"skipped {n_bad} bad sample" in out
+
+
+def test_demo_command_runs_end_to_end(synth, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli(["demo", "--minutes", "0.05", "--data", str(synth), "--config", "dmmi_tiny", "--out", str(out),
+                "--set", "train.epochs=1", "--set", "train.batch_size=4", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "DMMI protocol" in printed and "where everything is" in printed
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["test"]["dmmi"]["counts"]["total"] > 0 and summary["train_minutes"] is not None
+    assert list((out / "gallery").glob("*.png")) and (out / "curves.png").is_file()
+    # reuse the trained model instead of training
+    assert cli(["demo", "--checkpoint", str(out / "best.pt"), "--data", str(synth), "--out", str(tmp_path / "again"),
+                "--no-progress"]) == 0
+    assert json.loads((tmp_path / "again" / "results.json").read_text())["train_minutes"] is None
