@@ -64,7 +64,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, rename it to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -113,7 +113,7 @@ def save_checkpoint(
         with open(tmp, "wb") as f:
             torch.save(payload, f)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
     return path
 
 
@@ -182,7 +182,7 @@ def save_weights_safetensors(path: str | Path, state_dict: dict[str, torch.Tenso
         if ptr is not None:
             storages.add(ptr)
         tensors[name] = t
-    _atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=dict(metadata)))
+    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=dict(metadata)))
     return Path(path)
 
 

@@ -11,30 +11,17 @@ Two formats, chosen by suffix:
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from dmmi.engine.checkpoint import atomic_write
 from dmmi.errors import DmmiError
 
 FORMAT = "dmmi-model"
 TRAINING_FORMAT = "dmmi-checkpoint"  # dmmi.engine.checkpoint: model + optimizer + ...; extra.config
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_model_file(path: str | Path, model: torch.nn.Module, cfg, extra: Optional[dict] = None) -> Path:
@@ -47,11 +34,11 @@ def save_model_file(path: str | Path, model: torch.nn.Module, cfg, extra: Option
 
         meta = {"format": FORMAT, "preset": str(cfg.preset), "config": json.dumps(cfg_dict),
                 "extra": json.dumps(extra or {}, default=str)}
-        _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+        atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
     else:
         payload = {"format": FORMAT, "version": 1, "preset": str(cfg.preset), "config": cfg_dict,
                    "model": state, "extra": json.loads(json.dumps(extra or {}, default=str))}
-        _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+        atomic_write(path, lambda tmp: torch.save(payload, tmp))
     return path
 
 
