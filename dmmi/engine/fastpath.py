@@ -82,13 +82,15 @@ def configure_backends(device, fast: bool) -> None:
     torch.backends.cudnn.benchmark = fast  # fixed input sizes: let cuDNN pick its kernels
 
 
-def prepare_model(model: nn.Module, device, fast: bool, compile: bool = False) -> nn.Module:
+def prepare_model(model: nn.Module, device, fast: bool, compile: bool | str = False) -> nn.Module:
     """Move ``model`` to ``device`` and set it up for the mode; returns the same module.
 
     fast: convolution weights in channels_last (4-D parameters only, i.e. the CNN parts;
     every parameter keeps its name and values), TF32 and cuDNN autotuning on CUDA.
-    compile: ``torch.compile`` in place (``nn.Module.compile``), only when asked; state-dict
-    keys do not change. Precision flags are process-wide (see :func:`configure_backends`).
+    compile: ``torch.compile`` in place (``nn.Module.compile``), only when asked: True, or a
+    ``torch.compile`` mode such as ``"reduce-overhead"`` (CUDA graphs: batch-1 latency) or
+    ``"max-autotune"``; state-dict keys do not change. Precision flags are process-wide (see
+    :func:`configure_backends`).
     """
     device = _device(device)
     model = model.to(device)
@@ -96,7 +98,7 @@ def prepare_model(model: nn.Module, device, fast: bool, compile: bool = False) -
         model = model.to(memory_format=torch.channels_last)
     configure_backends(device, fast)
     if compile:
-        model.compile()
+        model.compile(**({"mode": compile} if isinstance(compile, str) and compile != "default" else {}))
     return model
 
 
@@ -113,7 +115,7 @@ def fused_adamw_ok(model: nn.Module) -> bool:
     return bool(params) and all(p.is_cuda and p.dtype in _FUSED_ADAMW_DTYPES for p in params)
 
 
-def describe(device, fast: bool, *, cpu_bf16: bool = False, compile: bool = False) -> dict:
+def describe(device, fast: bool, *, cpu_bf16: bool = False, compile: bool | str = False) -> dict:
     """What the mode does on ``device``, for logs and benchmark records."""
     device = _device(device)
     dtype = autocast_dtype(device, fast, cpu_bf16=cpu_bf16)
@@ -124,5 +126,5 @@ def describe(device, fast: bool, *, cpu_bf16: bool = False, compile: bool = Fals
         "tf32_matmul": bool(fast and device.type == "cuda"),
         "cudnn_benchmark": bool(fast and device.type == "cuda"),
         "fused_adamw": bool(fast and device.type == "cuda"),
-        "compile": bool(compile),
+        "compile": compile if isinstance(compile, str) else bool(compile),
     }

@@ -142,6 +142,9 @@ def test_compile_is_in_place_and_keeps_state_dict_keys():
     keys = list(model.state_dict())
     out = prepare_model(model, "cpu", fast=True, compile=True)  # compiled lazily, at first call
     assert out is model and list(out.state_dict()) == keys
+    assert model._compiled_call_impl is not None
+    other = prepare_model(torch.nn.Linear(2, 2), "cpu", fast=True, compile="reduce-overhead")
+    assert other._compiled_call_impl is not None and list(other.state_dict()) == ["weight", "bias"]
 
 
 def test_fused_adamw_only_for_cuda_parameters(cfg):
@@ -158,6 +161,7 @@ def test_describe_names_what_the_mode_does():
     d = describe("cuda", True, compile=True)
     assert d["autocast"] == "bfloat16" and d["channels_last"] and d["fused_adamw"] and d["compile"]
     assert describe("cpu", True, cpu_bf16=True)["autocast"] == "bfloat16"
+    assert describe("cuda", True, compile="reduce-overhead")["compile"] == "reduce-overhead"
 
 
 # ------------------------------------------------------------------------------ numerics
