@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import zlib
 from pathlib import Path
@@ -10,11 +11,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-PARITY_DIR = Path(__file__).resolve().parents[2] / "shared" / "parity"
+# ../shared/parity beside the repository (as CI lays it out), or DMMI_PARITY_DIR
+PARITY_DIR = Path(os.environ.get("DMMI_PARITY_DIR") or Path(__file__).resolve().parents[2] / "shared" / "parity")
 
 
 def parity_file(name: str) -> Path:
-    return PARITY_DIR / name
+    path = PARITY_DIR / name
+    if not path.is_file():
+        raise FileNotFoundError(f"parity test vector {path} is missing: shared/parity must lie beside the "
+                                "repository (or set DMMI_PARITY_DIR)")
+    return path
 
 
 def authors_keys(variant: str) -> list:
