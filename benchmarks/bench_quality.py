@@ -10,8 +10,7 @@ resumed exactly from the previous chunk's ``last.pt``; the engine validates when
 stops it (and at every epoch end), so each chunk adds a point. The run's ``metrics.jsonl``
 gives oIoU (targeted samples) and Acc (zero-target samples predicted empty) on the held-out
 ``val`` split (the test split is not touched). The time axis is training minutes: the
-sum over chunks of the engine's training clock up to its last log step before each
-validation (validation passes and start-up excluded). Writes
+engine's clock summed over the chunks, validation passes and start-up left out. Writes
 results/quality_<preset>_<device>.{json,md,png}; the runs stay in --runs.
 """
 
@@ -50,25 +49,32 @@ def parse_args(argv=None):
 def val_points(metrics_path: Path) -> list[dict]:
     """The validation records of a chunked run, with cumulative training minutes.
 
-    Every ``train()`` call restarts the engine's clock; a training log record carries the
-    minutes of its call so far, so the last one before a validation record closes the
-    chunk's training time (a chunk stops at a log step, or at an epoch end)."""
+    Every ``train()`` call restarts the engine's clock (``minutes`` of a record = since that
+    call's training began). Training time accumulates from one training log record to the
+    next; a clock that goes back marks a new call; the time from a log record to a
+    validation record (the validation pass, and the few steps to an epoch end) is left out.
+    """
     points = []
-    done = 0.0  # training minutes of the closed chunks
-    chunk = 0.0  # training minutes of the current chunk up to its last log step
+    total = 0.0  # training minutes so far
+    last = 0.0  # clock of the current call at the last record counted
     for line in metrics_path.read_text().splitlines():
         if not line.strip():
             continue
         rec = json.loads(line)
-        if "val" not in rec:
-            if rec.get("minutes") is not None:
-                chunk = float(rec["minutes"])
+        m = rec.get("minutes")
+        if m is None:
             continue
-        minutes = done + chunk
-        done, chunk = minutes, 0.0
+        m = float(m)
+        if "val" not in rec:
+            if m < last:  # a new train() call
+                last = 0.0
+            total += m - last
+            last = m
+            continue
+        last = m  # skip the validation pass
         dmmi = rec["val"].get("dmmi", {})
         gres = rec["val"].get("gres", {})
-        points.append({"minutes": round(minutes, 3), "step": rec.get("step"), "epoch": round(rec.get("epoch", 0), 3),
+        points.append({"minutes": round(total, 3), "step": rec.get("step"), "epoch": round(rec.get("epoch", 0), 3),
                        "oIoU": dmmi.get("oIoU"), "mIoU": dmmi.get("mIoU"), "Acc": dmmi.get("Acc"),
                        "gIoU": gres.get("gIoU"), "cIoU": gres.get("cIoU"), "score": rec.get("val_score")})
     return points
