@@ -23,9 +23,11 @@ $PY benchmarks/bench_train.py --preset dmmi_swin_b --text random --size 448 --ba
 $PY benchmarks/bench_inference.py --preset dmmi_swin_b --text random --size 448 --device cuda \
     --batch 32 --iters 50 --warmup 10
 
-# 3. the same with torch.compile in fast mode (compile time excluded: it happens in the warm-up)
+# 3. the same with torch.compile in fast mode (compile time excluded: it happens in the warm-up).
+#    Compiled training fails on torch 2.14.1 until MBA's replicate padding is rewritten (README):
+#    report it and go on.
 $PY benchmarks/bench_train.py --preset dmmi_swin_b --text random --size 448 --batch 8 --device cuda \
-    --steps 20 --warmup 5 --mode fast --compile --tag compile
+    --steps 20 --warmup 5 --mode fast --compile --tag compile || echo "!! compiled training failed (see README)"
 $PY benchmarks/bench_inference.py --preset dmmi_swin_b --text random --size 448 --device cuda \
     --batch 32 --iters 50 --warmup 10 --mode fast --compile --tag compile
 #    batch-1 latency is launch-bound in eager mode: CUDA graphs through torch.compile's reduce-overhead
