@@ -97,6 +97,7 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
+    val_from_train: float = 0.0  # > 0: hold out this share of train images as the val split
     all_sentences: bool = False  # train: every sentence as an item (default: one per ref per epoch)
     erase: bool = True  # entity-phrase erasure for the CCR branch
     erase_token: str = "pad"  # pad | mask
@@ -107,6 +108,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.format not in ("refzom", "refer", "grefcoco"):
             raise DmmiError(f"data.format: unknown format {self.format!r}; choose refzom, refer or grefcoco")
+        if not 0.0 <= float(self.val_from_train) < 1.0:
+            raise DmmiError(f"data.val_from_train must be in [0, 1), got {self.val_from_train}")
         if self.erase_token not in ("pad", "mask"):
             raise DmmiError(f"data.erase_token must be 'pad' or 'mask', got {self.erase_token!r}")
 

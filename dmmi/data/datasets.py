@@ -74,7 +74,8 @@ class RefDataset(Dataset):
 
     def __init__(self, data: RefData, split: str, *, tokenizer, image_size: int, max_tokens: int, train: bool,
                  image_root: str | Path, seed: int = 0, eraser: Optional[Eraser] = None,
-                 all_sentences: bool = False, hflip: bool = False, erase: bool = True):
+                 all_sentences: bool = False, hflip: bool = False, erase: bool = True,
+                 keep_image: Optional[Callable[[int], bool]] = None):
         self.data = data
         self.split = split
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
@@ -89,6 +90,8 @@ class RefDataset(Dataset):
         self.dropped_sentences: list[tuple[int, int]] = []  # (ref_id, sent_id) of empty sentences
         self.refs: list[Ref] = []
         for ref in data.split(split):
+            if keep_image is not None and not keep_image(ref.image_id):
+                continue  # held out (e.g. a validation part carved out of train)
             kept = [(sid, text) for sid, text in ref.sentences if text.strip()]
             self.dropped_sentences += [(ref.ref_id, sid) for sid, text in ref.sentences if not text.strip()]
             if kept:
@@ -196,8 +199,16 @@ class RefDataset(Dataset):
         }
 
 
+def held_out_image(image_id: int, fraction: float) -> bool:
+    """Deterministic image-level hold-out: the same images whatever the process or order."""
+    import zlib
+
+    return zlib.crc32(str(int(image_id)).encode()) % 10_000 < round(fraction * 10_000)
+
+
 def build_dataset(data_cfg, split: str, *, tokenizer, image_size: int, max_tokens: int, train: bool,
-                  seed: int = 0, eraser: Optional[Eraser] = None) -> RefDataset:
+                  seed: int = 0, eraser: Optional[Eraser] = None,
+                  keep_image: Optional[Callable[[int], bool]] = None) -> RefDataset:
     """The :class:`RefDataset` of ``split`` for a :class:`dmmi.config.DataConfig`.
 
     ``tokenizer``: a fast HF tokenizer or a name for :func:`dmmi.data.tokenize.load_tokenizer`.
@@ -207,7 +218,8 @@ def build_dataset(data_cfg, split: str, *, tokenizer, image_size: int, max_token
     image_root = data_cfg.image_root or Path(data_cfg.root) / "images"
     return RefDataset(data, split, tokenizer=tokenizer, image_size=image_size, max_tokens=max_tokens,
                       train=train, image_root=image_root, seed=seed, eraser=eraser,
-                      all_sentences=data_cfg.all_sentences, hflip=data_cfg.hflip, erase=data_cfg.erase)
+                      all_sentences=data_cfg.all_sentences, hflip=data_cfg.hflip, erase=data_cfg.erase,
+                      keep_image=keep_image)
 
 
 def _with_sentences(ref: Ref, sentences: list[tuple[int, str]]) -> Ref:

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dmmi.config import Config
-from dmmi.data.datasets import SkipBadSamples, SkipReport, build_dataset, collate_skip_bad
+from dmmi.data.datasets import SkipBadSamples, SkipReport, build_dataset, collate_skip_bad, held_out_image
 from dmmi.data.erasure import EntityEraser
 from dmmi.data.samplers import ZeroSpreadSampler
 from dmmi.data.tokenize import load_tokenizer
@@ -93,6 +93,13 @@ def build_datasets(cfg: Config, tokenizer, *, seed: int):
         raise DmmiError("data.root is not set: pass --set data.root=DIR (a folder with <dataset>/refs(...).p)")
     eraser = EntityEraser(tokenizer, cfg.data.erase_token) if (cfg.model.i2t_decoder and cfg.data.erase) else None
     common = dict(tokenizer=tokenizer, image_size=cfg.model.image_size, max_tokens=cfg.model.max_tokens)
+    fraction = cfg.data.val_from_train
+    if fraction:  # e.g. Ref-ZOM (train / test only): validate on held-out train images
+        train_ds = build_dataset(cfg.data, cfg.data.train_split, train=True, seed=seed, eraser=eraser,
+                                 keep_image=lambda i: not held_out_image(i, fraction), **common)
+        val_ds = build_dataset(cfg.data, cfg.data.train_split, train=False,
+                               keep_image=lambda i: held_out_image(i, fraction), **common)
+        return train_ds, val_ds
     train_ds = build_dataset(cfg.data, cfg.data.train_split, train=True, seed=seed, eraser=eraser, **common)
     val_ds = None
     if cfg.data.val_split:

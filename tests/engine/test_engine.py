@@ -167,3 +167,20 @@ def test_demo_command_runs_end_to_end(synth, tmp_path, capsys):
     assert cli(["demo", "--checkpoint", str(out / "best.pt"), "--data", str(synth), "--out", str(tmp_path / "again"),
                 "--no-progress"]) == 0
     assert json.loads((tmp_path / "again" / "results.json").read_text())["train_minutes"] is None
+
+
+def test_validation_carved_out_of_train(synth, tmp_path):
+    from dmmi.data.tokenize import load_tokenizer
+    from dmmi.engine.train import build_datasets
+
+    cfg = _cfg(synth, tmp_path / "v", "data.val_from_train=0.3", "data.val_split=null")
+    train_ds, val_ds = build_datasets(cfg, load_tokenizer(cfg.model.text_encoder), seed=0)
+    train_images = {r.image_id for r in train_ds.refs}
+    val_images = {r.image_id for r in val_ds.refs}
+    assert val_images and train_images and not (train_images & val_images)  # disjoint by image
+    assert not val_ds.train and len(val_ds.refs) + len(train_ds.refs) == len(train_ds.data.split("train"))
+    again, _ = build_datasets(cfg, load_tokenizer(cfg.model.text_encoder), seed=1)
+    assert {r.image_id for r in again.refs} == train_images  # deterministic hold-out
+    result = train(_cfg(synth, tmp_path / "r", "data.val_from_train=0.3", "train.max_steps=2"), progress=False,
+                   log=lambda *a: None)
+    assert any("val" in r for r in result.history)
