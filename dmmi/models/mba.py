@@ -83,9 +83,12 @@ class WordWindowPixelAttention(nn.Module):
 
     def forward(self, v: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
         w = self.window
-        reduced = self.word_reduce(words).unsqueeze(-1)  # (B, Ct/w... , L, 1)
-        reduced = F.pad(reduced, (0, 0, w // 2, (w - 1) // 2), mode="replicate")  # (B, c, L+w-1, 1)
-        windows = F.unfold(reduced, kernel_size=(w, 1))  # (B, c*w, L)
+        reduced = self.word_reduce(words)  # (B, c, L)
+        # replicate-pad the ends (w//2 before, (w-1)//2 after) by concatenation: same values as
+        # F.pad(mode="replicate"), whose backward has no fake kernel for torch.compile (2.14)
+        reduced = torch.cat([reduced[:, :, :1].expand(-1, -1, w // 2), reduced,
+                             reduced[:, :, -1:].expand(-1, -1, (w - 1) // 2)], dim=2)  # (B, c, L+w-1)
+        windows = F.unfold(reduced.unsqueeze(-1), kernel_size=(w, 1))  # (B, c*w, L)
         mask = word_mask[:, :, None].to(v.dtype)  # (B, L, 1)
         query = self.window_query(windows).transpose(1, 2) * mask  # (B, L, Ct)
         key = self.pixel_key(v.flatten(2))  # (B, Ct, N)
