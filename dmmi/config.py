@@ -284,15 +284,23 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), parsed
 
 
-def load_config(name_or_path: str = "dmmi_swin_b", overrides: list[str] | tuple = ()) -> Config:
-    """defaults <- preset or YAML file <- ``key.sub=value`` overrides."""
-    raw = _resolve_raw(name_or_path)
+def apply_overrides(raw: dict, overrides, sections: Optional[tuple] = None) -> dict:
+    """Set ``key.sub=value`` items in a raw config dict (in place; returned). ``sections``:
+    the top-level sections an override may touch (None: any)."""
     for item in overrides:
         keys, value = parse_override(item)
+        if sections is not None and (len(keys) != 2 or keys[0] not in sections):
+            raise DmmiError(f"--set {item!r}: only {', '.join(s + '.*' for s in sections)} fields may be set here")
         node = raw
         for k in keys[:-1]:
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise DmmiError(f"--set {item!r}: {k!r} is not a section")
         node[keys[-1]] = value
+    return raw
+
+
+def load_config(name_or_path: str = "dmmi_swin_b", overrides: list[str] | tuple = ()) -> Config:
+    """defaults <- preset or YAML file <- ``key.sub=value`` overrides."""
+    raw = apply_overrides(_resolve_raw(name_or_path), overrides)
     return Config.from_dict(raw, source=str(name_or_path))

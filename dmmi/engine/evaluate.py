@@ -63,11 +63,10 @@ class GalleryCollector:
             else:
                 score = float(inter[i]) / float(union[i]) if union[i] > 0 else 0.0
             self._n += 1
-            item = (score, self._n, {"image": batch["image"][i].cpu(), "pred": pred[i].cpu(),
-                                     "gt": batch["mask"][i].cpu(), "text": batch["sentence"][i], "type": t,
-                                     "iou": None if t == "zero" else score})
+            sample = {"image": batch["image"][i].cpu(), "pred": pred[i].cpu(), "gt": batch["mask"][i].cpu(),
+                      "text": batch["sentence"][i], "type": t, "iou": None if t == "zero" else score}
             for heap, key in ((self.best[t], score), (self.worst[t], -score)):
-                entry = (key, self._n, item[2])
+                entry = (key, self._n, sample)
                 if len(heap) < self.k:
                     heapq.heappush(heap, entry)
                 elif key > heap[0][0]:
@@ -126,23 +125,10 @@ def run_evaluation(model, loader, device, *, fast: bool = True, progress: bool =
     return evaluator.evaluate(), skips
 
 
-def _apply_overrides(cfg, overrides) -> None:
-    from dmmi.config import parse_override
-
-    for item in overrides:
-        keys, value = parse_override(item)
-        if len(keys) != 2 or keys[0] not in ("data", "eval"):
-            raise DmmiError(f"--set {item!r}: evaluate only takes data.* and eval.* fields")
-        section = getattr(cfg, keys[0])
-        if not hasattr(section, keys[1]):
-            raise DmmiError(f"--set {item!r}: {keys[0]} has no field {keys[1]!r}")
-        setattr(section, keys[1], value)
-    cfg.data.__post_init__()
-
-
 def evaluate_checkpoint(checkpoint, *, data_root=None, split=None, overrides=(), device="auto", fast=True,
                         gallery_dir=None, progress=True):
     """Load a model file, evaluate it on a split. -> (results, SkipReport, info dict)."""
+    from dmmi.config import Config, apply_overrides
     from dmmi.data.datasets import build_dataset
     from dmmi.data.tokenize import load_tokenizer
     from dmmi.engine.distributed import all_reduce_sum, cleanup, init_distributed
@@ -152,7 +138,9 @@ def evaluate_checkpoint(checkpoint, *, data_root=None, split=None, overrides=(),
     info = init_distributed(device)
     try:
         model, cfg = load_model_file(checkpoint)
-        _apply_overrides(cfg, overrides)
+        if overrides:  # evaluate may change where the data lies and how it is read, not the model
+            cfg = Config.from_dict(apply_overrides(cfg.to_dict(), overrides, sections=("data", "eval")),
+                                   source="--set")
         if data_root:
             cfg.data.root = str(data_root)
         if not cfg.data.root:

@@ -209,7 +209,6 @@ def _train(cfg: Config, info: DistInfo, device, *, resume, progress, log, t_star
         if epoch == start_epoch and start_batch:
             sampler.load_state_dict(sampler.state_dict(position=start_batch * tc.batch_size))
         ddp.train()
-        iterator = loader
         bar = None
         if progress and info.is_main:
             from tqdm.auto import tqdm
@@ -218,7 +217,7 @@ def _train(cfg: Config, info: DistInfo, device, *, resume, progress, log, t_star
                        desc=f"epoch {epoch + 1}/{tc.epochs}", dynamic_ncols=True, leave=False)
         batch_index = start_batch if epoch == start_epoch else 0
         running = {}
-        for batch in iterator:
+        for batch in loader:
             skips.update(batch)
             if batch["index"].numel() == 0:
                 batch_index += 1

@@ -184,3 +184,14 @@ def test_validation_carved_out_of_train(synth, tmp_path):
     result = train(_cfg(synth, tmp_path / "r", "data.val_from_train=0.3", "train.max_steps=2"), progress=False,
                    log=lambda *a: None)
     assert any("val" in r for r in result.history)
+
+
+def test_evaluate_overrides_are_limited_and_typed(synth, tmp_path, capsys):
+    result = train(_cfg(synth, tmp_path / "run", "train.max_steps=1", "data.val_split=null"), progress=False,
+                   log=lambda *a: None)
+    args = ["evaluate", "--checkpoint", str(result.best_path), "--split", "test", "--no-progress"]
+    assert cli(args + ["--set", "model.multi_scale=false"]) == 2
+    assert "only data.*, eval.* fields may be set here" in capsys.readouterr().err
+    assert cli(args + ["--set", "eval.batch_size=abc"]) == 2
+    assert "eval.batch_size: expected an integer" in capsys.readouterr().err
+    assert cli(args + ["--set", "eval.batch_size=3", "--set", "data.workers=0"]) == 0
