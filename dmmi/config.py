@@ -131,6 +131,8 @@ class TrainConfig:
     output_dir: str = "runs/dmmi"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     fast: bool = True  # bf16 autocast, channels_last, fused AdamW on GPU; False = reference mode
+    cpu_bf16: bool = False  # fast mode on CPU: bf16 autocast too, where the CPU has native bf16 (AMX)
+    schedule: str = "epochs"  # poly decay over `epochs` | "budget": over max_minutes / max_steps when sooner
     compile: bool = False
     log_every: int = 10
     eval_every: int = 1  # epochs
@@ -140,6 +142,8 @@ class TrainConfig:
             raise DmmiError("train.epochs, train.batch_size and train.grad_accum must be >= 1")
         if self.lr <= 0:
             raise DmmiError(f"train.lr must be > 0, got {self.lr}")
+        if self.schedule not in ("epochs", "budget"):
+            raise DmmiError(f"train.schedule must be 'epochs' or 'budget', got {self.schedule!r}")
 
 
 @dataclass

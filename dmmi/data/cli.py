@@ -30,6 +30,8 @@ def register(subparsers) -> None:
     synth.add_argument("--max-objects", metavar="K", default=5, help="at most K shapes per image, 2..6 (default 5)")
     synth.add_argument("--hard-share", metavar="F", default=0.65,
                        help="share of zero-target expressions that are hard negatives, 0..1 (default 0.65)")
+    synth.add_argument("--splits", metavar="T,V,E", default="0.8,0.1,0.1",
+                       help="train,val,test shares of the images (default 0.8,0.1,0.1; the demo's: 0.9,0.05,0.05)")
     synth.add_argument("--json", action="store_true", help="print the summary as JSON")
     synth.set_defaults(func=cmd_synth)
 
@@ -82,8 +84,15 @@ def cmd_synth(args) -> int:
         raise DmmiError(f"data synth: --size must be >= 64 pixels, got {size}")
     if refs_per_image < 1:
         raise DmmiError(f"data synth: --refs-per-image must be >= 1, got {refs_per_image}")
+    try:
+        splits = tuple(float(x) for x in str(args.splits).split(","))
+    except ValueError:
+        splits = ()
+    if len(splits) != 3:
+        raise DmmiError(f"data synth: --splits expects three numbers train,val,test, got {args.splits!r}")
     summary = generate(args.out, n_images=images, seed=seed, image_size=size, refs_per_image=refs_per_image,
-                       max_objects=max_objects, hard_share=hard_share)
+                       max_objects=max_objects, hard_share=hard_share, split_ratios=splits,
+                       progress=not args.json)
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))
         return 0

@@ -40,7 +40,7 @@ from typing import ContextManager, Optional
 import torch
 from torch import nn
 
-__all__ = ["autocast", "autocast_dtype", "prepare_model", "prepare_images", "fused_adamw_ok", "configure_backends",
+__all__ = ["autocast", "autocast_dtype", "cpu_has_native_bf16", "prepare_model", "prepare_images", "fused_adamw_ok", "configure_backends",
            "describe"]
 
 _FUSED_ADAMW_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -48,6 +48,17 @@ _FUSED_ADAMW_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def _device(device) -> torch.device:
     return device if isinstance(device, torch.device) else torch.device(device)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes bf16 natively (AMX tiles or AVX512-BF16: recent Xeons),
+    where bf16 autocast speeds up convolutions and matmuls; elsewhere it is emulated and slow."""
+    try:
+        import torch.cpu as tcpu
+
+        return bool(tcpu._is_amx_tile_supported() or tcpu._is_avx512_bf16_supported())
+    except (AttributeError, RuntimeError):  # pragma: no cover - torch without the probes
+        return False
 
 
 def autocast_dtype(device, fast: bool, *, cpu_bf16: bool = False) -> Optional[torch.dtype]:

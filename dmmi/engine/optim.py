@@ -6,6 +6,8 @@ biases, position tables or any other 1-D parameter (the authors' release does th
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 from torch import nn
 
@@ -76,9 +78,14 @@ def poly_factor(step: int, total_steps: int, power: float) -> float:
     return max(0.0, 1.0 - step / total_steps) ** power
 
 
-def poly_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, power: float) -> torch.optim.lr_scheduler.LambdaLR:
+def poly_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, power: float,
+                   progress: Optional[Callable[[], float]] = None) -> torch.optim.lr_scheduler.LambdaLR:
     """Polynomial decay, stepped once per optimiser iteration (call ``scheduler.step()``
     after each ``optimizer.step()``): lr = base_lr * (1 - step / total_steps) ** power.
+
+    ``progress``: a callable giving another measure of how far the run is, in [0, 1] (the
+    share of a time budget spent): the decay then follows whichever is further along, so a run
+    cut by its budget still ends with a small learning rate (``train.schedule: budget``).
     """
     if total_steps < 1:
         raise DmmiError(f"poly_scheduler: total_steps must be >= 1, got {total_steps}")
@@ -86,6 +93,8 @@ def poly_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, power: fl
         raise DmmiError(f"train.poly_power must be >= 0, got {power}")
 
     def factor(step: int) -> float:
-        return poly_factor(step, total_steps, power)
+        if progress is None:
+            return poly_factor(step, total_steps, power)
+        return max(0.0, 1.0 - max(step / total_steps, min(1.0, progress()))) ** power
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

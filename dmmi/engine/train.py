@@ -32,7 +32,7 @@ from dmmi.data.tokenize import load_tokenizer
 from dmmi.engine import checkpoint as ckpt
 from dmmi.engine.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from dmmi.engine.evaluate import evaluation_loader, run_evaluation, selection_score
-from dmmi.engine.fastpath import autocast, fused_adamw_ok, prepare_model
+from dmmi.engine.fastpath import autocast, cpu_has_native_bf16, fused_adamw_ok, prepare_model
 from dmmi.engine.optim import build_optimizer, poly_scheduler
 from dmmi.errors import DmmiError
 from dmmi.losses import dmmi_loss
@@ -164,8 +164,28 @@ def _train(cfg: Config, info: DistInfo, device, *, resume, progress, log, t_star
     step_model = torch.compile(ddp) if tc.compile else ddp
     optimizer = build_optimizer(core, tc, fused=device.type == "cuda" and tc.fast and fused_adamw_ok(core))
     steps_per_epoch = max(1, len(loader) // tc.grad_accum)
-    total_steps = steps_per_epoch * tc.epochs  # max_steps / max_minutes cut the run, not the schedule
-    scheduler = poly_scheduler(optimizer, total_steps, tc.poly_power)
+    total_steps = steps_per_epoch * tc.epochs
+    budget_s = tc.max_minutes * 60 if tc.max_minutes else math.inf
+    clock = {"before": 0.0, "start": time.time()}  # training seconds of earlier (resumed) segments + this one
+    optimizer_steps = [0]  # read by budget_progress
+
+    def elapsed() -> float:
+        return clock["before"] + time.time() - clock["start"]
+
+    def budget_progress() -> float:  # train.schedule=budget: how much of max_minutes / max_steps is spent
+        p = elapsed() / budget_s
+        if tc.max_steps:
+            p = max(p, optimizer_steps[0] / tc.max_steps)
+        return p
+
+    # schedule=epochs: max_steps / max_minutes cut the run, not the schedule
+    scheduler = poly_scheduler(optimizer, total_steps, tc.poly_power,
+                               progress=budget_progress if tc.schedule == "budget" else None)
+    cpu_bf16 = bool(tc.cpu_bf16 and device.type == "cpu" and tc.fast)
+    if cpu_bf16 and not cpu_has_native_bf16():
+        cpu_bf16 = False
+        if info.is_main:
+            log("train.cpu_bf16: this CPU has no native bf16 (AMX / AVX512-BF16): training in fp32")
 
     start_epoch, start_batch, global_step, best = 0, 0, 0, None
     if resume:
@@ -179,6 +199,8 @@ def _train(cfg: Config, info: DistInfo, device, *, resume, progress, log, t_star
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, start_batch = int(extra["epoch"]), int(extra["batch_in_epoch"])
         global_step, best = int(extra["global_step"]), extra.get("best_score")
+        clock["before"] = float(extra.get("train_seconds", 0.0))
+        optimizer_steps[0] = global_step
         if extra.get("rng") is not None:
             ckpt.restore_rng_state(extra["rng"])
         log(f"resumed from {resume}: epoch {start_epoch}, batch {start_batch}, step {global_step}")
@@ -187,8 +209,7 @@ def _train(cfg: Config, info: DistInfo, device, *, resume, progress, log, t_star
     tb = _tensorboard(out_dir, info.is_main)
     skips = SkipReport()
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    budget_s = tc.max_minutes * 60 if tc.max_minutes else math.inf
-    t_train = time.time()
+    t_train = clock["start"] = time.time()
     stop = False
     epoch = start_epoch
     if info.is_main:
@@ -199,7 +220,8 @@ def _train(cfg: Config, info: DistInfo, device, *, resume, progress, log, t_star
         if not info.is_main:
             return
         extra = {"preset": cfg.preset, "config": cfg.to_dict(), "epoch": epoch_, "batch_in_epoch": batch_,
-                 "global_step": global_step, "best_score": best, "rng": ckpt.capture_rng_state()}
+                 "global_step": global_step, "best_score": best, "rng": ckpt.capture_rng_state(),
+                 "train_seconds": elapsed()}
         ckpt.save_checkpoint(last_path, model_state=core.state_dict(), optimizer_state=optimizer.state_dict(),
                              scheduler_state=scheduler.state_dict(), extra=extra)
 
@@ -223,7 +245,7 @@ def _train(cfg: Config, info: DistInfo, device, *, resume, progress, log, t_star
                 batch_index += 1
                 continue
             batch = to_device(batch, device)
-            with autocast(device, tc.fast):
+            with autocast(device, tc.fast, cpu_bf16=cpu_bf16):
                 out = step_model(batch["image"], batch["input_ids"], batch["attention_mask"], batch["erased_ids"])
                 terms = dmmi_loss(out, batch["mask"], batch["attention_mask"], batch["delta"], cfg.loss,
                                   compat=cfg.model.compat == "ris-dmmi")
@@ -237,6 +259,7 @@ def _train(cfg: Config, info: DistInfo, device, *, resume, progress, log, t_star
             if tc.clip_grad:
                 torch.nn.utils.clip_grad_norm_(core.parameters(), tc.clip_grad)
             optimizer.step()
+            optimizer_steps[0] += 1
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             global_step += 1
@@ -245,7 +268,7 @@ def _train(cfg: Config, info: DistInfo, device, *, resume, progress, log, t_star
             if global_step % tc.log_every == 0:
                 n = running.pop("n")
                 rec = {"step": global_step, "epoch": epoch + batch_index / len(loader),
-                       "lr": optimizer.param_groups[0]["lr"], "minutes": (time.time() - t_train) / 60}
+                       "lr": optimizer.param_groups[0]["lr"], "minutes": elapsed() / 60}
                 rec.update({k: float(v) / n for k, v in running.items()})  # one host sync per log step
                 running = {}
                 metrics.write(rec)
@@ -255,7 +278,7 @@ def _train(cfg: Config, info: DistInfo, device, *, resume, progress, log, t_star
                     for k, v in rec.items():
                         tb.add_scalar(f"train/{k}", v, global_step)
                 # budget checks agree across ranks (checked at log steps only: no per-step sync)
-                over = (time.time() - t_train) > budget_s or (tc.max_steps and global_step >= tc.max_steps)
+                over = elapsed() > budget_s or (tc.max_steps and global_step >= tc.max_steps)
                 flag = torch.tensor([1.0 if over else 0.0], device=device)
                 stop = bool(all_reduce_sum(flag).item() > 0) if info.distributed else bool(over)
                 if stop:
@@ -271,7 +294,7 @@ def _train(cfg: Config, info: DistInfo, device, *, resume, progress, log, t_star
                                                  progress=progress and info.is_main, desc="validation")
             score = selection_score(results)
             rec = {"step": global_step, "epoch": epoch + batch_index / max(1, len(loader)),
-                   "minutes": (time.time() - t_train) / 60, "val": results, "val_score": score,
+                   "minutes": elapsed() / 60, "val": results, "val_score": score,
                    "val_skipped": vskips.count}
             metrics.write(rec)
             if info.is_main:

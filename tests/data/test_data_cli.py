@@ -48,6 +48,10 @@ def test_synth_json_summary(tmp_path, capsys):
     assert summary["n_images"] == 5 and summary["n_refs"] == 15
     assert sum(summary["types"].values()) == 15
     assert summary["refs_path"] == str(out / "synthetic" / "refs(final).p")
+    assert main(["data", "synth", "--out", str(tmp_path / "t"), "--images", "20", "--splits", "0.5,0.25,0.25",
+                 "--json"]) == 0
+    splits = json.loads(capsys.readouterr().out)["splits"]
+    assert [splits[s]["images"] for s in ("train", "val", "test")] == [10, 5, 5]
 
 
 @pytest.mark.parametrize(
@@ -63,6 +67,8 @@ def test_synth_json_summary(tmp_path, capsys):
         (["data", "synth", "--out", "X", "--max-objects", "9"], ["--max-objects"]),
         (["data", "synth", "--out", "X", "--hard-share", "2"], ["--hard-share"]),
         (["data", "synth", "--out", "X", "--hard-share", "lots"], ["--hard-share"]),
+        (["data", "synth", "--out", "X", "--splits", "0.9,0.1"], ["--splits", "0.9,0.1"]),
+        (["data", "synth", "--out", "X", "--splits", "a,b,c"], ["--splits"]),
     ],
 )
 def test_synth_bad_arguments_one_line(tmp_path, capsys, monkeypatch, args, needles):

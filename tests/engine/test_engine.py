@@ -82,6 +82,22 @@ def test_resume_continues_exactly(synth, tmp_path):
     assert diff == []
 
 
+def test_budget_schedule_decays_over_the_budget_not_the_epochs(synth, tmp_path):
+    """train.schedule=budget: a run cut at max_steps still ends its poly decay at zero."""
+    def lrs(out, *extra):
+        cfg = _cfg(synth, tmp_path / out, "train.epochs=40", "train.max_steps=4", "train.log_every=1",
+                   "data.val_split=null", *extra)
+        train(cfg, progress=False, log=lambda *a: None)
+        recs = [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+        return cfg.train.lr, [r["lr"] for r in recs if "lr" in r]
+
+    base, by_epochs = lrs("epochs")
+    assert by_epochs[-1] > 0.95 * base  # 4 of 40 epochs' steps: barely decayed
+    base, by_budget = lrs("budget", "train.schedule=budget")
+    assert by_budget[0] == pytest.approx(base * 0.75**0.9)  # logged after step 1 of 4: the lr of step 2
+    assert by_budget[-1] == 0.0
+
+
 def test_resume_refuses_another_model(synth, tmp_path):
     train(_cfg(synth, tmp_path / "a", "train.max_steps=2"), progress=False, log=lambda *a: None)
     with pytest.raises(DmmiError, match="checkpoint of another model"):

@@ -92,3 +92,30 @@ def test_poly_scheduler_rejects_no_steps():
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(DmmiError, match="total_steps"):
         poly_scheduler(opt, total_steps=0, power=0.9)
+
+
+def test_poly_scheduler_follows_budget_progress_when_further_along():
+    """train.schedule=budget: the decay follows max(step / total, budget progress)."""
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    spent = {"share": 0.0}
+    sched = poly_scheduler(opt, total_steps=1000, power=1.0, progress=lambda: spent["share"])
+    assert opt.param_groups[0]["lr"] == pytest.approx(1.0)
+    spent["share"] = 0.75  # three quarters of the time budget gone after 10 steps
+    for _ in range(10):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.25)  # not 1 - 10/1000
+    spent["share"] = 0.0  # budget progress behind the step count: the steps decide
+    for _ in range(490):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5)
+    spent["share"] = 1.7  # over budget: clamped at zero
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == 0.0
+
+
+def test_train_config_rejects_unknown_schedule():
+    with pytest.raises(DmmiError, match="train.schedule"):
+        TrainConfig(schedule="cosine")
