@@ -98,6 +98,15 @@ def test_budget_schedule_decays_over_the_budget_not_the_epochs(synth, tmp_path):
     assert by_budget[-1] == 0.0
 
 
+def test_curves_drawn_for_an_ablation_without_auxiliary_losses(synth, tmp_path):
+    out = tmp_path / "abl"
+    train(_cfg(synth, out, "train.max_steps=2", "train.log_every=1", "data.val_split=null",
+               "model.i2t_decoder=false", "model.contrastive=false"), progress=False, log=lambda *a: None)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records and not any("loss_sim" in r or "loss_con" in r for r in records)
+    assert (out / "curves.png").is_file()
+
+
 def test_resume_refuses_another_model(synth, tmp_path):
     train(_cfg(synth, tmp_path / "a", "train.max_steps=2"), progress=False, log=lambda *a: None)
     with pytest.raises(DmmiError, match="checkpoint of another model"):
