@@ -656,14 +656,12 @@ def generate(
     images, annotations, refs = [], [], []
     ann_id, ref_id, sent_id = 1, 0, 0
     backgrounds = {"plain": 0, "texture": 0, "photo": 0}
-    bar = None
+    indices = range(n_images)
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n_images, desc="synthetic images", dynamic_ncols=True, leave=False)
-    for k in range(n_images):
-        if bar is not None:
-            bar.update(1)
+        indices = tqdm(indices, desc="synthetic images", dynamic_ncols=True, leave=False)
+    for k in indices:
         image_id = k + 1
         split = _split_of(rank_of[k], n_images, ratios)
         file_name = f"synthetic_{image_id:06d}.png"
@@ -714,8 +712,6 @@ def generate(
                 sent_id += 1
             refs.append(_ref(ref_id, image_id, file_name, split, rtype, [objs[i] for i in targets], objs, sentences))
             ref_id += 1
-    if bar is not None:
-        bar.close()
 
     categories = [{"id": CATEGORY_IDS[s], "name": s, "supercategory": "shape"} for s in SHAPES]
     instances = {

@@ -79,12 +79,12 @@ def poly_factor(step: int, total_steps: int, power: float) -> float:
 
 
 def poly_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, power: float,
-                   progress: Optional[Callable[[], float]] = None) -> torch.optim.lr_scheduler.LambdaLR:
+                   progress: Optional[Callable[[int], float]] = None) -> torch.optim.lr_scheduler.LambdaLR:
     """Polynomial decay, stepped once per optimiser iteration (call ``scheduler.step()``
     after each ``optimizer.step()``): lr = base_lr * (1 - step / total_steps) ** power.
 
-    ``progress``: a callable giving another measure of how far the run is, in [0, 1] (the
-    share of a time budget spent): the decay then follows whichever is further along, so a run
+    ``progress(step)``: another measure of how far the run is, in [0, 1] (the share of a time
+    or step budget spent): the decay then follows whichever is further along, so a run
     cut by its budget still ends with a small learning rate (``train.schedule: budget``).
     """
     if total_steps < 1:
@@ -95,6 +95,6 @@ def poly_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, power: fl
     def factor(step: int) -> float:
         if progress is None:
             return poly_factor(step, total_steps, power)
-        return max(0.0, 1.0 - max(step / total_steps, min(1.0, progress()))) ** power
+        return max(0.0, 1.0 - max(step / total_steps, min(1.0, progress(step)))) ** power
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -166,17 +166,14 @@ def _train(cfg: Config, info: DistInfo, device, *, resume, progress, log, t_star
     steps_per_epoch = max(1, len(loader) // tc.grad_accum)
     total_steps = steps_per_epoch * tc.epochs
     budget_s = tc.max_minutes * 60 if tc.max_minutes else math.inf
-    clock = {"before": 0.0, "start": time.time()}  # training seconds of earlier (resumed) segments + this one
-    optimizer_steps = [0]  # read by budget_progress
+    seconds_before = 0.0  # training seconds of earlier segments of a resumed run
+    t_train = time.time()  # this segment's start (reset when the loop begins)
 
     def elapsed() -> float:
-        return clock["before"] + time.time() - clock["start"]
+        return seconds_before + time.time() - t_train
 
-    def budget_progress() -> float:  # train.schedule=budget: how much of max_minutes / max_steps is spent
-        p = elapsed() / budget_s
-        if tc.max_steps:
-            p = max(p, optimizer_steps[0] / tc.max_steps)
-        return p
+    def budget_progress(step: int) -> float:  # train.schedule=budget: share of max_minutes / max_steps spent
+        return max(elapsed() / budget_s, step / tc.max_steps if tc.max_steps else 0.0)
 
     # schedule=epochs: max_steps / max_minutes cut the run, not the schedule
     scheduler = poly_scheduler(optimizer, total_steps, tc.poly_power,
@@ -199,8 +196,7 @@ def _train(cfg: Config, info: DistInfo, device, *, resume, progress, log, t_star
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, start_batch = int(extra["epoch"]), int(extra["batch_in_epoch"])
         global_step, best = int(extra["global_step"]), extra.get("best_score")
-        clock["before"] = float(extra.get("train_seconds", 0.0))
-        optimizer_steps[0] = global_step
+        seconds_before = float(extra.get("train_seconds", 0.0))
         if extra.get("rng") is not None:
             ckpt.restore_rng_state(extra["rng"])
         log(f"resumed from {resume}: epoch {start_epoch}, batch {start_batch}, step {global_step}")
@@ -209,7 +205,7 @@ def _train(cfg: Config, info: DistInfo, device, *, resume, progress, log, t_star
     tb = _tensorboard(out_dir, info.is_main)
     skips = SkipReport()
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    t_train = clock["start"] = time.time()
+    t_train = time.time()
     stop = False
     epoch = start_epoch
     if info.is_main:
@@ -259,7 +255,6 @@ def _train(cfg: Config, info: DistInfo, device, *, resume, progress, log, t_star
             if tc.clip_grad:
                 torch.nn.utils.clip_grad_norm_(core.parameters(), tc.clip_grad)
             optimizer.step()
-            optimizer_steps[0] += 1
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             global_step += 1

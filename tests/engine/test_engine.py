@@ -80,6 +80,8 @@ def test_resume_continues_exactly(synth, tmp_path):
     assert wa.keys() == wb.keys()
     diff = [k for k in wa if not torch.equal(wa[k], wb[k])]
     assert diff == []
+    minutes = [json.loads(line)["minutes"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert minutes == sorted(minutes)  # the resumed segment goes on with the training clock (budgets carry over)
 
 
 def test_budget_schedule_decays_over_the_budget_not_the_epochs(synth, tmp_path):

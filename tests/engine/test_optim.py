@@ -98,7 +98,7 @@ def test_poly_scheduler_follows_budget_progress_when_further_along():
     """train.schedule=budget: the decay follows max(step / total, budget progress)."""
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     spent = {"share": 0.0}
-    sched = poly_scheduler(opt, total_steps=1000, power=1.0, progress=lambda: spent["share"])
+    sched = poly_scheduler(opt, total_steps=1000, power=1.0, progress=lambda step: spent["share"])
     assert opt.param_groups[0]["lr"] == pytest.approx(1.0)
     spent["share"] = 0.75  # three quarters of the time budget gone after 10 steps
     for _ in range(10):
