@@ -60,14 +60,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups` with ``cfg.lr`` and ``cfg.weight_decay``.
 
-    ``fused=True`` selects the fused CUDA kernel; it is honoured only when every trainable
-    parameter is on a CUDA device (otherwise the default implementation is used).
+    ``fused=True`` selects the fused kernel; it is honoured only when every trainable
+    parameter is on CUDA or every one on CPU (otherwise the multi-tensor implementation is used).
     """
     groups = param_groups(model, cfg.weight_decay)
     if not groups:
         raise DmmiError("build_optimizer: the model has no trainable parameters")
-    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
-    if fused and on_cuda:
+    kinds = {p.device.type for g in groups for p in g["params"]}
+    if fused and len(kinds) == 1 and kinds <= {"cuda", "cpu"}:
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     # multi-tensor kernels on every device (PyTorch picks them by default only on CUDA)
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)

@@ -162,7 +162,7 @@ def _train(cfg: Config, info: DistInfo, device, *, resume, progress, log, t_star
     else:
         ddp, core = model, model
     step_model = torch.compile(ddp) if tc.compile else ddp
-    optimizer = build_optimizer(core, tc, fused=device.type == "cuda" and tc.fast and fused_adamw_ok(core))
+    optimizer = build_optimizer(core, tc, fused=tc.fast and fused_adamw_ok(core))
     steps_per_epoch = max(1, len(loader) // tc.grad_accum)
     total_steps = steps_per_epoch * tc.epochs
     budget_s = tc.max_minutes * 60 if tc.max_minutes else math.inf

@@ -105,8 +105,11 @@ class DMMI(nn.Module):
                             f"and {tuple(attention_mask.shape)}")
         if bool((attention_mask.sum(1) == 0).any()):
             raise DmmiError("an expression is empty (attention_mask has no token)")
-        words = self.text_encoder(input_ids, attention_mask)
         erased = None
         if self.training and self.ccr is not None and erased_ids is not None:
-            erased = self.text_encoder(erased_ids, attention_mask)  # same mask as T (the authors)
+            # T and T' in one batch (same mask for both, as the authors): one call is cheaper than two
+            both = self.text_encoder(torch.cat([input_ids, erased_ids]), torch.cat([attention_mask, attention_mask]))
+            words, erased = both.chunk(2)  # 2 x (B, L, Ct)
+        else:
+            words = self.text_encoder(input_ids, attention_mask)
         return self.forward_features(images, words, attention_mask, erased)

@@ -15,9 +15,19 @@ Image-to-text alignment (Eq. 5-6). For each token window w in {1, 2, 3} (1 = the
 2 = previous + current, 3 = previous + current + next, replicate-padded at the ends), the
 window is scored against every pixel, soft-maxed over pixels, mixed with lambda^beta and
 multiplies the projected pixels.
+
+Where the stage is narrower than the text and than its pixel count (C < Ct, C < N: the early
+stages), the image-to-text branch never builds its (B, Ct, N) pixel keys and values. Their InstanceNorm'd 1x1 projections are
+linear in the centred pixels, IN(W v + b) = diag(1/sigma) W (v - mean(v)), with
+sigma^2 = diag(W Cov(v) W^T) + eps, so q . key = ((q / sigma) W) . (v - mean) and
+attn @ value = (attn @ (v - mean)^T) W^T / sigma: (B, L, C) and (B, C, C) products instead of
+(B, Ct, N) maps (the covariance costs B*Ct*C*C, the keys B*Ct*C*N: hence C < N). The same
+function and gradients, tested against the direct path.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -81,7 +91,8 @@ class WordWindowPixelAttention(nn.Module):
         self.pixel_key = _conv1x1(vis_dim, text_dim, norm=True)
         self.scale = vis_dim**-0.5
 
-    def forward(self, v: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
+    def masked_query(self, words: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
+        """-> masked word-window queries (B, L, Ct)."""
         w = self.window
         reduced = self.word_reduce(words)  # (B, c, L)
         # replicate-pad the ends (w//2 before, (w-1)//2 after) by concatenation: same values as
@@ -89,11 +100,41 @@ class WordWindowPixelAttention(nn.Module):
         reduced = torch.cat([reduced[:, :, :1].expand(-1, -1, w // 2), reduced,
                              reduced[:, :, -1:].expand(-1, -1, (w - 1) // 2)], dim=2)  # (B, c, L+w-1)
         windows = F.unfold(reduced.unsqueeze(-1), kernel_size=(w, 1))  # (B, c*w, L)
-        mask = word_mask[:, :, None].to(v.dtype)  # (B, L, 1)
-        query = self.window_query(windows).transpose(1, 2) * mask  # (B, L, Ct)
+        query = self.window_query(windows).transpose(1, 2)  # (B, L, Ct)
+        return query * word_mask[:, :, None].to(query.dtype)
+
+    def forward(self, v: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
+        query = self.masked_query(words, word_mask)  # (B, L, Ct)
         key = self.pixel_key(v.flatten(2))  # (B, Ct, N)
         scores = torch.bmm(query, key) * self.scale  # (B, L, N)
         return scores.softmax(dim=-1)
+
+    def forward_factored(self, stats: "PixelStats", words: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
+        """``forward`` without the (B, Ct, N) keys: query . IN(W v + b) = ((query / sigma) W) . (v - mean)."""
+        query = self.masked_query(words, word_mask)  # (B, L, Ct)
+        weight, inv_sigma = stats.projection(self.pixel_key)  # (Ct, C), (B, Ct)
+        q = (query * inv_sigma[:, None, :].to(query.dtype)) @ weight.to(query.dtype)  # (B, L, C)
+        scores = torch.bmm(q, stats.centred.to(q.dtype)) * self.scale  # (B, L, N)
+        return scores.softmax(dim=-1)
+
+
+class PixelStats:
+    """Centred pixels (B, C, N) and their covariance (B, C, C) over N, computed once per stage
+    in fp32, for the factored image-to-text branch."""
+
+    def __init__(self, v: torch.Tensor):
+        with torch.autocast(device_type=v.device.type, enabled=False):
+            flat = v.flatten(2).float()  # (B, C, N)
+            self.centred = flat - flat.mean(dim=2, keepdim=True)  # (B, C, N)
+            self.cov = torch.bmm(self.centred, self.centred.transpose(1, 2)) / flat.shape[2]  # (B, C, C)
+
+    def projection(self, conv_in: nn.Sequential):
+        """For Sequential(Conv1d(C, Ct, 1), InstanceNorm1d(Ct)) -> (W (Ct, C), 1/sigma (B, Ct)), fp32."""
+        conv, norm = conv_in[0], conv_in[1]
+        with torch.autocast(device_type=self.cov.device.type, enabled=False):
+            weight = conv.weight.squeeze(-1).float()  # (Ct, C)
+            var = ((weight @ self.cov) * weight).sum(-1)  # (B, Ct): diag(W Cov W^T)
+            return weight, torch.rsqrt(var + norm.eps)
 
 
 class MultiScaleBidirectionalAttention(nn.Module):
@@ -116,6 +157,7 @@ class MultiScaleBidirectionalAttention(nn.Module):
         self.pixel_project = nn.Sequential(nn.Conv1d(vis_dim, vis_dim, 1), nn.GELU(), nn.Dropout(dropout))
         self.fused_project = nn.Sequential(nn.Conv1d(vis_dim, vis_dim, 1), nn.GELU(), nn.Dropout(dropout))
         self.bidirectional = bidirectional
+        self.factored_i2t: Optional[bool] = None  # None = factored when C < Ct; True / False force a path
         if bidirectional:
             self.window_attn = nn.ModuleList(WordWindowPixelAttention(vis_dim, text_dim, w) for w in windows)
             self.window_mix = nn.Parameter(torch.ones(len(windows)))  # lambda^beta (softmax-ed)
@@ -129,12 +171,24 @@ class MultiScaleBidirectionalAttention(nn.Module):
         value = self.word_value(words) * word_mask[:, None, :].to(v.dtype)  # (B, C, L)
         return self.visual_out(torch.bmm(attn, value.transpose(1, 2)).transpose(1, 2))  # (B, C, N)
 
-    def image_to_text(self, v, words, word_mask) -> torch.Tensor:
-        """-> language residual R_l (B, Ct, L)."""
+    def image_to_text(self, v, words, word_mask, factored: Optional[bool] = None) -> torch.Tensor:
+        """-> language residual R_l (B, Ct, L). ``factored`` (default: when C < Ct and C < N) skips the
+        (B, Ct, N) pixel keys and values (module docstring); both paths compute the same."""
         mix = self.window_mix.softmax(0)
-        attn = sum(mix[i] * a(v, words, word_mask) for i, a in enumerate(self.window_attn))  # (B, L, N)
-        value = self.pixel_value(v.flatten(2))  # (B, Ct, N)
-        return self.text_out(torch.bmm(attn, value.transpose(1, 2)).transpose(1, 2))  # (B, Ct, L)
+        if factored is None:
+            C, N = v.shape[1], v.shape[2] * v.shape[3]
+            factored = self.factored_i2t if self.factored_i2t is not None else C < min(words.shape[1], N)
+        if not factored:
+            attn = sum(mix[i] * a(v, words, word_mask) for i, a in enumerate(self.window_attn))  # (B, L, N)
+            value = self.pixel_value(v.flatten(2))  # (B, Ct, N)
+            return self.text_out(torch.bmm(attn, value.transpose(1, 2)).transpose(1, 2))  # (B, Ct, L)
+        stats = PixelStats(v)
+        attn = sum(mix[i] * a.forward_factored(stats, words, word_mask)
+                   for i, a in enumerate(self.window_attn))  # (B, L, N)
+        weight, inv_sigma = stats.projection(self.pixel_value)  # (Ct, C), (B, Ct)
+        pooled = torch.bmm(attn, stats.centred.transpose(1, 2).to(attn.dtype))  # (B, L, C)
+        value = (pooled @ weight.t().to(pooled.dtype)) * inv_sigma[:, None, :].to(pooled.dtype)  # (B, L, Ct)
+        return self.text_out(value.transpose(1, 2))  # (B, Ct, L)
 
     def forward(self, v: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor):
         B, C, H, W = v.shape

@@ -147,12 +147,35 @@ def test_compile_is_in_place_and_keeps_state_dict_keys():
     assert other._compiled_call_impl is not None and list(other.state_dict()) == ["weight", "bias"]
 
 
-def test_fused_adamw_only_for_cuda_parameters(cfg):
+def test_fused_adamw_on_one_device_kind_and_supported_dtypes(cfg):
     model = build_model(cfg.model)
-    assert not fused_adamw_ok(model)
-    assert not fused_adamw_ok(torch.nn.Module())  # nothing to optimise
+    assert fused_adamw_ok(model)  # all fp32 on CPU
     opt = build_optimizer(model, cfg.train, fused=fused_adamw_ok(model))
-    assert not opt.defaults.get("fused")
+    assert all(g.get("fused") for g in opt.param_groups)
+    assert not fused_adamw_ok(torch.nn.Module())  # nothing to optimise
+    assert not fused_adamw_ok(torch.nn.Linear(2, 2).double())  # float64 has no fused kernel
+    meta = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2, device="meta"))
+    assert not fused_adamw_ok(meta)  # mixed devices
+    fallback = build_optimizer(model, cfg.train, fused=False)
+    assert not fallback.defaults.get("fused") and fallback.defaults.get("foreach")
+
+
+def test_fused_cpu_adamw_steps_like_the_multi_tensor_one(cfg):
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 1))
+    b, start = copy.deepcopy(a), copy.deepcopy(a)
+    opt_a = build_optimizer(a, cfg.train, fused=True)
+    opt_b = build_optimizer(b, cfg.train, fused=False)
+    assert opt_a.defaults.get("fused") and not opt_b.defaults.get("fused")
+    x = torch.randn(8, 6)
+    for _ in range(3):
+        for m, o in ((a, opt_a), (b, opt_b)):
+            o.zero_grad()
+            m(x).pow(2).mean().backward()
+            o.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(a[0].weight, start[0].weight)  # the steps moved the weights
 
 
 def test_describe_names_what_the_mode_does():
@@ -196,7 +219,9 @@ def test_bf16_autocast_matches_reference_within_tolerance(fitted, cfg):
     ref_terms, ref_grads = _train_step(ref, batch, cfg, fast=False)
     bf16_terms, bf16_grads = _train_step(fast, batch, cfg, fast=True, cpu_bf16=True)
     for k in ref_terms:
-        torch.testing.assert_close(bf16_terms[k], ref_terms[k], rtol=0.05, atol=1e-3, msg=k)
+        # L_con divides cosine similarities by a temperature of 0.05: 20x the bf16 rounding
+        rtol = 0.1 if k == "loss_con" else 0.05
+        torch.testing.assert_close(bf16_terms[k], ref_terms[k], rtol=rtol, atol=1e-3, msg=k)
     assert set(bf16_grads) == set(ref_grads)
     assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in bf16_grads.values())  # fp32 params
 

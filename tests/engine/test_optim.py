@@ -55,11 +55,12 @@ def test_empty_group_is_left_out():
 
 def test_build_optimizer_uses_config():
     cfg = TrainConfig(lr=1e-3, weight_decay=0.02)
-    opt = build_optimizer(Tiny(), cfg, fused=True)  # CPU parameters: fused is not used
+    opt = build_optimizer(Tiny(), cfg, fused=True)  # all on CPU: the fused CPU kernel
     assert isinstance(opt, torch.optim.AdamW)
     assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-3]
     assert [g["weight_decay"] for g in opt.param_groups] == [0.02, 0.0]
-    assert not any(g.get("fused") for g in opt.param_groups)
+    assert all(g.get("fused") for g in opt.param_groups)
+    assert not any(g.get("fused") for g in build_optimizer(Tiny(), cfg).param_groups)
     frozen = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(DmmiError, match="no trainable parameters"):
         build_optimizer(frozen, cfg)

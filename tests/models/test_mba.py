@@ -132,3 +132,41 @@ def test_fresh_gate_leaves_the_visual_stream_unchanged_and_can_learn():
     assert not torch.equal(words_new, words)  # the language update runs
     v_new.pow(2).sum().backward()
     assert fusion.visual_gate[2].weight.grad.abs().sum() > 0  # last gate layer gets a gradient
+
+
+def test_factored_image_to_text_equals_the_direct_path_with_gradients():
+    """C < Ct: the (B, Ct, N) keys / values are never built, the function and its gradients
+    are the same (padding words included)."""
+    torch.manual_seed(1)
+    mba = MultiScaleBidirectionalAttention(6, 20)
+    for p in mba.parameters():  # away from the init's symmetry
+        p.data.add_(0.2 * torch.randn_like(p))
+    v = (2.0 * torch.randn(2, 6, 5, 4) + 1.5).requires_grad_()
+    words = torch.randn(2, 20, 7, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0]])
+    results = []
+    for factored in (False, True):
+        out = mba.image_to_text(v, words, mask, factored=factored)  # (B, Ct, L)
+        grads = torch.autograd.grad(out.pow(2).sum(), [v, words, mba.window_attn[2].pixel_key[0].weight,
+                                                       mba.pixel_value[0].weight, mba.window_mix])
+        results.append((out, grads))
+    (direct, g_direct), (factored, g_factored) = results
+    torch.testing.assert_close(factored, direct, rtol=1e-4, atol=1e-5)
+    for a, b in zip(g_factored, g_direct):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_factored_path_is_chosen_only_where_it_is_cheaper(monkeypatch):
+    mba = MultiScaleBidirectionalAttention(6, 20)
+    calls = []
+    real = type(mba.window_attn[0]).forward_factored
+    monkeypatch.setattr(type(mba.window_attn[0]), "forward_factored",
+                        lambda self, *a: calls.append(1) or real(self, *a))
+    mask = torch.ones(1, 3)
+    mba(torch.randn(1, 6, 4, 4), torch.randn(1, 20, 3), mask)  # C=6 < Ct=20, C < N=16
+    assert len(calls) == 3
+    mba(torch.randn(1, 6, 2, 2), torch.randn(1, 20, 3), mask)  # N=4 < C: direct keys are cheaper
+    assert len(calls) == 3
+    wide = MultiScaleBidirectionalAttention(24, 20)
+    wide(torch.randn(1, 24, 8, 8), torch.randn(1, 20, 3), mask)  # C >= Ct
+    assert len(calls) == 3

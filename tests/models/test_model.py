@@ -79,15 +79,30 @@ def test_eval_runs_no_training_branch():
     model.ccr.register_forward_hook(lambda *a: calls.append("ccr"))
     model.contrastive.register_forward_hook(lambda *a: calls.append("con"))
     encoder_calls = []
-    model.text_encoder.register_forward_hook(lambda *a: encoder_calls.append(1))
+    model.text_encoder.register_forward_hook(lambda mod, args, out: encoder_calls.append(args[0].shape[0]))
     images, ids, mask, erased, _, _ = _batch()
+    B = ids.shape[0]
     with torch.no_grad():
         out = model(images, ids, mask, erased)
     assert calls == [] and out.reconstructed is None and out.pooled_text is None
-    assert len(encoder_calls) == 1  # the erased sentence is not encoded at inference
+    assert encoder_calls == [B]  # the erased sentence is not encoded at inference
     model.train()
     model(images, ids, mask, erased)
-    assert calls == ["ccr", "con"] and len(encoder_calls) == 3
+    assert calls == ["ccr", "con"] and encoder_calls == [B, 2 * B]  # T and T' in one call
+
+
+def test_training_encodes_the_erased_sentence_for_ccr():
+    """The CCR branch reads T' (not T): its reconstruction changes with the erased ids only."""
+    model = build_preset(TINY).train()
+    model.text_encoder.eval()  # no dropout: the difference below comes from the ids alone
+    images, ids, mask, erased, _, _ = _batch()
+    assert not torch.equal(ids, erased)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        a = model(images, ids, mask, erased)
+        b = model(images, ids, mask, ids)
+    torch.testing.assert_close(a.words_final, b.words_final)
+    assert not torch.allclose(a.reconstructed, b.reconstructed)
 
 
 def test_fresh_model_backbone_equals_plain_timm_backbone():
@@ -148,3 +163,22 @@ def test_model_file_round_trip_and_wrong_preset(tmp_path):
     (tmp_path / "trunc.pt").write_bytes((tmp_path / "m.pt").read_bytes()[:1000])
     with pytest.raises(DmmiError, match="truncated"):
         load_model_file(tmp_path / "trunc.pt")
+
+
+def test_efficientnet_runs_in_fp32_under_cpu_bf16_autocast():
+    """oneDNN's bf16 depthwise convolutions are slower than fp32 on CPU: the EfficientNet keeps
+    fp32 there, the layers after it still run in bf16, and the values match plain fp32."""
+    from dmmi.models.backbones import EfficientNetLiteBackbone
+
+    torch.manual_seed(0)
+    net = EfficientNetLiteBackbone().eval()
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        plain = net(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = net(images)
+            after = torch.nn.functional.linear(mixed[-1].flatten(1)[:, :8], torch.randn(3, 8))
+    assert [t.dtype for t in mixed] == [torch.float32] * 4
+    assert after.dtype == torch.bfloat16  # autocast is back on outside the backbone
+    for a, b in zip(mixed, plain):
+        torch.testing.assert_close(a, b)
