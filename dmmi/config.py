@@ -41,6 +41,7 @@ class ModelConfig:
     text_config: Optional[dict] = None  # BertConfig overrides for a random encoder (tests)
     text_trainable_layers: Optional[int] = None  # None = all; the authors train 10 (emb..9)
     text_frozen: bool = False  # freeze the whole text encoder (runs without gradients)
+    backbone_frozen_stages: int = 0  # freeze the stem + this many visual stages (0-4; eval-mode BN)
     max_tokens: int = 20
     image_size: int = 448
     # Table 3 switches
@@ -61,6 +62,8 @@ class ModelConfig:
             raise DmmiError(f"model.backbone: unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
         if self.compat not in COMPAT_MODES:
             raise DmmiError(f"model.compat: unknown mode {self.compat!r}; choose one of {', '.join(COMPAT_MODES)}")
+        if not 0 <= self.backbone_frozen_stages <= 4:
+            raise DmmiError(f"model.backbone_frozen_stages must be 0-4, got {self.backbone_frozen_stages}")
         if self.max_tokens < 2:
             raise DmmiError(f"model.max_tokens must be at least 2, got {self.max_tokens}")
         if self.image_size < 32 or self.image_size % 32:

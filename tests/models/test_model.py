@@ -182,3 +182,35 @@ def test_efficientnet_runs_in_fp32_under_cpu_bf16_autocast():
     assert after.dtype == torch.bfloat16  # autocast is back on outside the backbone
     for a, b in zip(mixed, plain):
         torch.testing.assert_close(a, b)
+
+
+def test_frozen_backbone_stages_get_no_gradient_and_keep_their_statistics():
+    from dmmi.models.backbones import EfficientNetLiteBackbone, ResNetBackbone
+
+    net = EfficientNetLiteBackbone()
+    net.freeze(1)
+    net.train()
+    frozen = net.stem_modules() + net.stage_modules(0)
+    assert all(not m.training for m in frozen) and net.stage_modules(1)[0].training
+    bn = net.body.blocks[0][0].bn1
+    before = bn.running_mean.clone()
+    outs = net(torch.randn(2, 3, 64, 64))
+    sum(o.mean() for o in outs).backward()
+    assert torch.equal(bn.running_mean, before)  # eval-mode BN in the frozen stage
+    assert all(p.grad is None for m in frozen for p in m.parameters())
+    assert all(p.grad is not None for p in net.body.blocks[2].parameters())
+    assert not net.body.blocks[3][0].bn1.running_mean.equal(torch.zeros_like(net.body.blocks[3][0].bn1.running_mean))
+    r = ResNetBackbone("resnet26")
+    r.freeze(2)
+    assert not any(p.requires_grad for p in r.body.layer2.parameters()) and all(
+        p.requires_grad for p in r.body.layer3.parameters())
+    with pytest.raises(DmmiError, match="backbone_frozen_stages"):
+        load_config(TINY, ["model.backbone_frozen_stages=5"])
+
+
+def test_frozen_stages_through_the_config_reach_the_model():
+    model = build_preset(TINY, ["model.backbone_frozen_stages=2"])
+    trainable = {n.split(".")[1] for n, p in model.visual.named_parameters() if p.requires_grad}
+    assert model.visual.frozen_stages == 2 and "patch_embed" not in trainable
+    assert not any(p.requires_grad for p in model.visual.body.layers[1].parameters())
+    assert all(p.requires_grad for p in model.visual.body.layers[2].parameters())
