@@ -3,6 +3,9 @@
     python benchmarks/bench_mba.py --preset dmmi_swin_b --size 448 --batch 2
     python benchmarks/bench_mba.py --preset dmmi_swin_b --device cuda --batch 8
 
+``eager`` is the model's module as it runs (its image-to-text branch factored through the pixel
+covariance where C < min(Ct, N), see dmmi/models/mba.py); ``direct-i2t`` is the same module
+forced to build the (B, Ct, N) pixel keys and values instead.
 Candidates (same parameters, same function; each is checked against the eager module first):
 * ``sdpa``: sum_r lambda_r softmax(Q_r K_r^T / sqrt(C) + mask) V = sum_r lambda_r SDPA(Q_r, K_r, V)
   with the word padding as a boolean mask (text-to-image), and the same for image-to-text
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 from dmmi.engine.fastpath import autocast, configure_backends, describe
 from dmmi.models.mba import MultiScaleBidirectionalAttention
 
-VARIANTS = ("eager", "sdpa", "conv", "sdpa+conv")
+VARIANTS = ("eager", "direct-i2t", "sdpa", "conv", "sdpa+conv")
 
 
 # ----------------------------------------------------------------------------- candidates
@@ -100,6 +103,12 @@ def candidate_forward(m: MultiScaleBidirectionalAttention, v, words, word_mask, 
 def run_variant(name, m, v, words, mask):
     if name == "eager":
         return m(v, words, mask)
+    if name == "direct-i2t":
+        m.factored_i2t = False
+        try:
+            return m(v, words, mask)
+        finally:
+            m.factored_i2t = None
     return candidate_forward(m, v, words, mask, sdpa="sdpa" in name, conv="conv" in name)
 
 

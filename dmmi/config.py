@@ -124,6 +124,7 @@ class TrainConfig:
     epochs: int = 40
     batch_size: int = 8
     lr: float = 5e-5
+    text_lr: Optional[float] = None  # learning rate of the text encoder (None: train.lr)
     weight_decay: float = 0.01
     poly_power: float = 0.9
     grad_accum: int = 1
@@ -145,6 +146,8 @@ class TrainConfig:
             raise DmmiError("train.epochs, train.batch_size and train.grad_accum must be >= 1")
         if self.lr <= 0:
             raise DmmiError(f"train.lr must be > 0, got {self.lr}")
+        if self.text_lr is not None and self.text_lr <= 0:
+            raise DmmiError(f"train.text_lr must be > 0, got {self.text_lr}")
         if self.schedule not in ("epochs", "budget"):
             raise DmmiError(f"train.schedule must be 'epochs' or 'budget', got {self.schedule!r}")
 

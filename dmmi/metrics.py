@@ -18,7 +18,7 @@ all ranks.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -286,6 +286,20 @@ class CombinedEvaluator(_RecordEvaluator):
         rec = self.records()
         return {"dmmi": _dmmi_results(rec), "gres": _gres_results(rec)}
 
+    def evaluate_groups(self, group_of: Mapping[int, str]) -> dict:
+        """Both protocols per group of samples: ``group_of`` maps a sample id to its group name
+        (ids missing from it form no group). -> {group: {"dmmi": ..., "gres": ...}}, groups in
+        order of first appearance. Needs the sample ids given to ``process``."""
+        rec = self.records()
+        if rec.numel() and bool((rec[:, _ID] < 0).any()):
+            raise DmmiError("evaluate_groups: samples were processed without sample_ids")
+        names = [group_of.get(int(i)) for i in rec[:, _ID].tolist()]
+        out = {}
+        for name in dict.fromkeys(n for n in names if n is not None):
+            rows = rec[[i for i, n in enumerate(names) if n == name]]
+            out[name] = {"dmmi": _dmmi_results(rows), "gres": _gres_results(rows)}
+        return out
+
 
 def evaluate_all(pred_masks: torch.Tensor, gt_masks: torch.Tensor, types: Sequence[str]) -> dict:
     """One-shot evaluation of (B, H, W) predictions: {"dmmi": {...}, "gres": {...}}."""
@@ -313,15 +327,31 @@ def _table(results: dict) -> str:
     for name in ("one", "many", "zero"):
         rows.append((name, counts[name], results["per_type"].get(name, {})))
     header = [_TITLES[protocol], "n", *columns]
-    cells = [[label, str(n), *[_fmt(vals.get(c)) for c in columns]] for label, n, vals in rows]
+    return _render(header, [[label, str(n), *[_fmt(vals.get(c)) for c in columns]] for label, n, vals in rows])
+
+
+def _render(header: list[str], cells: list[list[str]]) -> str:
+    """Aligned text table: first column left-aligned, the others right-aligned."""
     widths = [max(len(r[i]) for r in [header, *cells]) for i in range(len(header))]
 
     def line(r: list[str]) -> str:
         return "  ".join([r[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(r[1:], widths[1:])])
 
-    out = [line(header), "  ".join("-" * w for w in widths)]
-    out += [line(r) for r in cells]
-    return "\n".join(out)
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *[line(r) for r in cells]])
+
+
+def format_group_table(groups: dict, title: str = "wording") -> str:
+    """One line per group (DMMI protocol: n per type, oIoU, mIoU, prec@0.5, Acc) of
+    :meth:`CombinedEvaluator.evaluate_groups`."""
+    columns = ["oIoU", "mIoU", "prec@0.5", "Acc"]
+    header = [title, "n", "zero", "one", "many", *columns]
+    cells = []
+    for name, res in groups.items():
+        d = res["dmmi"]
+        c = d["counts"]
+        cells.append([name, str(c["total"]), str(c["zero"]), str(c["one"]), str(c["many"]),
+                      *[_fmt(d.get(k)) for k in columns]])
+    return _render(header, cells)
 
 
 def format_table(results: dict) -> str:

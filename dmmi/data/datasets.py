@@ -116,6 +116,13 @@ class RefDataset(Dataset):
         """'zero' / 'one' / 'many' per item (for :class:`dmmi.data.samplers.ZeroSpreadSampler`)."""
         return [self.refs[r].type for r, _ in self.items]
 
+    def sentence_at(self, index: int) -> str:
+        """The sentence of an evaluation item (training items draw theirs per epoch)."""
+        r, s = self.items[int(index)]
+        if s < 0:
+            raise DmmiError(f"item {index} of the training dataset has no fixed sentence (drawn per epoch)")
+        return self.refs[r].sentences[s][1]
+
     def set_epoch(self, epoch: int) -> None:
         """Change the per-epoch draws (sentence, flip, erased phrase)."""
         self.epoch = int(epoch)

@@ -32,6 +32,8 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--reference", action="store_true", help="fp32 reference mode instead of the fast mode")
     p.add_argument("--gallery", default=None, metavar="DIR", help="write success/failure overlays per type")
+    p.add_argument("--by-wording", action="store_true",
+                   help="also a table per wording (attribute / position / plural / count / union)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_evaluate)
@@ -69,14 +71,17 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from dmmi.engine.evaluate import evaluate_checkpoint
-    from dmmi.metrics import format_table
+    from dmmi.metrics import format_group_table, format_table
 
     results, skipped, info = evaluate_checkpoint(
         args.checkpoint, data_root=args.data, split=args.split, overrides=args.overrides, device=args.device,
-        fast=not args.reference, gallery_dir=args.gallery, progress=not args.no_progress)
+        fast=not args.reference, gallery_dir=args.gallery, progress=not args.no_progress, by_wording=args.by_wording)
     if info["is_main"]:
         print(f"{info['preset']} on {info['dataset']} / {info['split']}: {info['samples']} samples")
         print(format_table(results))
+        if "groups" in results:
+            print()
+            print(format_group_table(results["groups"]))
         if skipped.count:
             print(skipped.summary())
         if args.json:

@@ -52,7 +52,7 @@ def run_demo(*, minutes: Optional[float] = None, checkpoint: Optional[str] = Non
     from dmmi.config import load_config
     from dmmi.engine.evaluate import evaluate_checkpoint
     from dmmi.engine.train import train
-    from dmmi.metrics import format_table
+    from dmmi.metrics import format_group_table, format_table
 
     t0 = time.time()
     out = Path(out_dir)
@@ -74,10 +74,13 @@ def run_demo(*, minutes: Optional[float] = None, checkpoint: Optional[str] = Non
     elif not Path(checkpoint).is_file():
         raise DmmiError(f"checkpoint not found: {checkpoint}")
     results, skipped, info = evaluate_checkpoint(checkpoint, data_root=data, split="test",
-                                                 gallery_dir=out / "gallery", progress=progress)
+                                                 gallery_dir=out / "gallery", progress=progress, by_wording=True)
     log("")
     log(f"test split of the synthetic dataset ({info['samples']} expressions), model {checkpoint}:")
     log(format_table(results))
+    log("")
+    log("by wording (DMMI protocol):")
+    log(format_group_table(results["groups"]))
     summary = {"checkpoint": checkpoint, "train_minutes": train_minutes, "total_minutes": (time.time() - t0) / 60,
                "test": results, "skipped": skipped.count}
     out.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import heapq
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 import numpy as np
 import torch
@@ -98,8 +98,9 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def run_evaluation(model, loader, device, *, fast: bool = True, progress: bool = True, desc: str = "evaluate",
-                   gallery: Optional[GalleryCollector] = None):
-    """-> (results {"dmmi": ..., "gres": ...}, SkipReport). ``model``: an unwrapped DMMI."""
+                   gallery: Optional[GalleryCollector] = None, group_of: Optional[Mapping[int, str]] = None):
+    """-> (results {"dmmi": ..., "gres": ...}, SkipReport). ``model``: an unwrapped DMMI.
+    ``group_of`` (dataset index -> group name) adds ``results["groups"]``, both protocols per group."""
     was_training = model.training
     model.eval()
     evaluator = CombinedEvaluator()
@@ -122,12 +123,17 @@ def run_evaluation(model, loader, device, *, fast: bool = True, progress: bool =
             gallery.offer(batch, pred)
     evaluator.all_reduce()
     model.train(was_training)
-    return evaluator.evaluate(), skips
+    results = evaluator.evaluate()
+    if group_of is not None:
+        results["groups"] = evaluator.evaluate_groups(group_of)
+    return results, skips
 
 
 def evaluate_checkpoint(checkpoint, *, data_root=None, split=None, overrides=(), device="auto", fast=True,
-                        gallery_dir=None, progress=True):
-    """Load a model file, evaluate it on a split. -> (results, SkipReport, info dict)."""
+                        gallery_dir=None, progress=True, by_wording=False):
+    """Load a model file, evaluate it on a split. -> (results, SkipReport, info dict).
+    ``by_wording``: also both protocols per wording category (:mod:`dmmi.data.wording`) in
+    ``results["groups"]``."""
     from dmmi.config import Config, apply_overrides
     from dmmi.data.datasets import build_dataset
     from dmmi.data.tokenize import load_tokenizer
@@ -151,9 +157,16 @@ def evaluate_checkpoint(checkpoint, *, data_root=None, split=None, overrides=(),
                                 max_tokens=cfg.model.max_tokens, train=False)
         loader = evaluation_loader(dataset, cfg, info)
         collector = GalleryCollector(cfg.eval.gallery) if gallery_dir else None
+        group_of = None
+        if by_wording:
+            from dmmi.data.wording import CATEGORIES, wording_category
+
+            group_of = {i: wording_category(dataset.sentence_at(i)) for i in range(len(dataset))}
         model = prepare_model(model, info.device, fast=fast)
         results, skips = run_evaluation(model, loader, info.device, fast=fast, progress=progress and info.is_main,
-                                        gallery=collector)
+                                        gallery=collector, group_of=group_of)
+        if by_wording:  # in the categories' order
+            results["groups"] = {k: results["groups"][k] for k in CATEGORIES if k in results["groups"]}
         if info.distributed:
             skips.count = int(all_reduce_sum(torch.tensor([skips.count], device=info.device)).item())
         if collector is not None and info.is_main:

@@ -33,15 +33,17 @@ def _no_decay(module: nn.Module, param_name: str, full_name: str, param: nn.Para
     )
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, text_lr: Optional[float] = None) -> list[dict]:
     """Split the trainable parameters into a decayed and a non-decayed group.
 
     Returns a list of AdamW parameter groups ``{"name", "params", "weight_decay"}``: "decay"
     (``weight_decay``) and "no_decay" (0.0), leaving out a group that would be empty. Each
     trainable parameter appears exactly once (shared parameters too); frozen ones are skipped.
+    With ``text_lr`` the text encoder's parameters (``text_encoder.*``) form their own two groups,
+    "text_decay" and "text_no_decay", with ``"lr": text_lr`` (a pretrained BERT wants a smaller
+    learning rate than freshly initialised fusion layers).
     """
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
+    groups = {name: [] for name in ("decay", "no_decay", "text_decay", "text_no_decay")}
     seen: set[int] = set()
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
@@ -49,12 +51,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
                 continue
             seen.add(id(param))
             full_name = f"{module_name}.{param_name}" if module_name else param_name
-            (no_decay if _no_decay(module, param_name, full_name, param) else decay).append(param)
-    groups = [
-        {"name": "decay", "params": decay, "weight_decay": weight_decay},
-        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
-    ]
-    return [g for g in groups if g["params"]]
+            kind = "no_decay" if _no_decay(module, param_name, full_name, param) else "decay"
+            text = text_lr is not None and (full_name.startswith("text_encoder.") or ".text_encoder." in full_name)
+            groups[f"text_{kind}" if text else kind].append(param)
+    out = []
+    for name, params in groups.items():
+        if params:
+            group = {"name": name, "params": params, "weight_decay": 0.0 if "no_decay" in name else weight_decay}
+            if name.startswith("text_"):
+                group["lr"] = text_lr
+            out.append(group)
+    return out
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
@@ -63,7 +70,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False) -> 
     ``fused=True`` selects the fused kernel; it is honoured only when every trainable
     parameter is on CUDA or every one on CPU (otherwise the multi-tensor implementation is used).
     """
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, cfg.text_lr)
     if not groups:
         raise DmmiError("build_optimizer: the model has no trainable parameters")
     kinds = {p.device.type for g in groups for p in g["params"]}

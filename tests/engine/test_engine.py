@@ -14,6 +14,7 @@ from PIL import Image
 from dmmi.cli import main as cli
 from dmmi.config import load_config
 from dmmi.data.synthetic import generate
+from dmmi.data.wording import CATEGORIES
 from dmmi.engine.train import train
 from dmmi.errors import DmmiError
 from dmmi.inference import Predictor
@@ -42,13 +43,18 @@ def test_train_evaluate_predict(synth, tmp_path, capsys):
     assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "curves.png").is_file()
 
     assert cli(["evaluate", "--checkpoint", str(result.best_path), "--split", "test", "--gallery",
-                str(tmp_path / "gal"), "--json", str(tmp_path / "res.json"), "--no-progress"]) == 0
+                str(tmp_path / "gal"), "--json", str(tmp_path / "res.json"), "--by-wording", "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "oIoU" in printed and "cIoU" in printed
+    assert "oIoU" in printed and "cIoU" in printed and "position" in printed
     res = json.loads((tmp_path / "res.json").read_text())
     counts = res["results"]["dmmi"]["counts"]
     assert counts["total"] == res["samples"] == counts["zero"] + counts["one"] + counts["many"]
     assert counts["zero"] > 0 and counts["many"] > 0
+    groups = res["results"]["groups"]  # --by-wording: a partition of the samples, in category order
+    assert list(groups) == [c for c in CATEGORIES if c in groups] and {"attribute", "position"} <= set(groups)
+    for t in ("total", "zero", "one", "many"):
+        assert sum(g["dmmi"]["counts"][t] for g in groups.values()) == counts[t]
+    assert all(groups[g]["dmmi"]["counts"]["one"] == 0 for g in ("union", "plural", "count") if g in groups)
     assert list((tmp_path / "gal").glob("*_successes.png"))
 
     image = next((synth / "images").iterdir())
@@ -186,7 +192,7 @@ def test_demo_command_runs_end_to_end(synth, tmp_path, capsys):
     assert cli(["demo", "--minutes", "0.05", "--data", str(synth), "--config", "dmmi_tiny", "--out", str(out),
                 "--set", "train.epochs=1", "--set", "train.batch_size=4", "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "DMMI protocol" in printed and "where everything is" in printed
+    assert "DMMI protocol" in printed and "where everything is" in printed and "by wording" in printed
     summary = json.loads((out / "results.json").read_text())
     assert summary["test"]["dmmi"]["counts"]["total"] > 0 and summary["train_minutes"] is not None
     assert list((out / "gallery").glob("*.png")) and (out / "curves.png").is_file()

@@ -120,3 +120,29 @@ def test_poly_scheduler_follows_budget_progress_when_further_along():
 def test_train_config_rejects_unknown_schedule():
     with pytest.raises(DmmiError, match="train.schedule"):
         TrainConfig(schedule="cosine")
+
+
+def test_text_encoder_gets_its_own_learning_rate():
+    class WithText(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.text_encoder = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
+            self.head = nn.Linear(3, 1)
+
+    model = WithText()
+    plain = param_groups(model, 0.01)
+    assert [g["name"] for g in plain] == ["decay", "no_decay"] and all("lr" not in g for g in plain)
+    groups = {g["name"]: g for g in param_groups(model, 0.01, text_lr=2e-5)}
+    assert set(groups) == {"decay", "no_decay", "text_decay", "text_no_decay"}
+    assert groups["text_decay"]["params"] == [model.text_encoder[0].weight]
+    assert groups["text_decay"]["weight_decay"] == 0.01 and groups["text_no_decay"]["weight_decay"] == 0.0
+    assert groups["decay"]["params"] == [model.head.weight] and groups["decay"]["weight_decay"] == 0.01
+    opt = build_optimizer(model, TrainConfig(lr=1e-3, text_lr=2e-5))
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs == {"decay": 1e-3, "no_decay": 1e-3, "text_decay": 2e-5, "text_no_decay": 2e-5}
+    sched = poly_scheduler(opt, total_steps=10, power=1.0)
+    opt.step()
+    sched.step()
+    assert [round(g["lr"] / g["initial_lr"], 6) for g in opt.param_groups] == [0.9] * 4  # decays alike
+    with pytest.raises(DmmiError, match="text_lr"):
+        TrainConfig(text_lr=0.0)
