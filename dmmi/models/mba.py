@@ -157,7 +157,7 @@ class MultiScaleBidirectionalAttention(nn.Module):
         self.pixel_project = nn.Sequential(nn.Conv1d(vis_dim, vis_dim, 1), nn.GELU(), nn.Dropout(dropout))
         self.fused_project = nn.Sequential(nn.Conv1d(vis_dim, vis_dim, 1), nn.GELU(), nn.Dropout(dropout))
         self.bidirectional = bidirectional
-        self.factored_i2t: Optional[bool] = None  # None = factored when C < Ct; True / False force a path
+        self.factored_i2t: Optional[bool] = None  # None: factored when C < min(Ct, N); True / False force a path
         if bidirectional:
             self.window_attn = nn.ModuleList(WordWindowPixelAttention(vis_dim, text_dim, w) for w in windows)
             self.window_mix = nn.Parameter(torch.ones(len(windows)))  # lambda^beta (softmax-ed)
