@@ -16,7 +16,7 @@ for explicitly with ``cpu_bf16=True``, since bf16 is slow on CPUs without native
 Usage (one training step)::
 
     model = prepare_model(build_model(cfg.model), device, fast=cfg.train.fast)
-    opt = build_optimizer(model, cfg.train, fused=cfg.train.fast and fused_adamw_ok(model))
+    opt = build_optimizer(model, cfg.train, fused=cfg.train.fast)  # honoured where fused_adamw_ok
     with autocast(device, cfg.train.fast):
         out = model(images, input_ids, attention_mask, erased_ids)
         loss = dmmi_loss(out, target, attention_mask, delta, cfg.loss).total

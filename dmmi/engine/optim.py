@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from dmmi.config import TrainConfig
+from dmmi.engine.fastpath import fused_adamw_ok
 from dmmi.errors import DmmiError
 
 NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "position_embeddings", "pos_embed")
@@ -52,7 +53,7 @@ def param_groups(model: nn.Module, weight_decay: float, text_lr: Optional[float]
             seen.add(id(param))
             full_name = f"{module_name}.{param_name}" if module_name else param_name
             kind = "no_decay" if _no_decay(module, param_name, full_name, param) else "decay"
-            text = text_lr is not None and (full_name.startswith("text_encoder.") or ".text_encoder." in full_name)
+            text = text_lr is not None and full_name.startswith("text_encoder.")
             groups[f"text_{kind}" if text else kind].append(param)
     out = []
     for name, params in groups.items():
@@ -67,14 +68,15 @@ def param_groups(model: nn.Module, weight_decay: float, text_lr: Optional[float]
 def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups` with ``cfg.lr`` and ``cfg.weight_decay``.
 
-    ``fused=True`` selects the fused kernel; it is honoured only when every trainable
-    parameter is on CUDA or every one on CPU (otherwise the multi-tensor implementation is used).
+    ``fused=True`` selects the fused kernel; it is honoured only where
+    :func:`dmmi.engine.fastpath.fused_adamw_ok` says it can run (otherwise the multi-tensor
+    implementation is used).
     """
+
     groups = param_groups(model, cfg.weight_decay, cfg.text_lr)
     if not groups:
         raise DmmiError("build_optimizer: the model has no trainable parameters")
-    kinds = {p.device.type for g in groups for p in g["params"]}
-    if fused and len(kinds) == 1 and kinds <= {"cuda", "cpu"}:
+    if fused and fused_adamw_ok(model):
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     # multi-tensor kernels on every device (PyTorch picks them by default only on CUDA)
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)

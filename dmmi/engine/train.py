@@ -32,7 +32,7 @@ from dmmi.data.tokenize import load_tokenizer
 from dmmi.engine import checkpoint as ckpt
 from dmmi.engine.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from dmmi.engine.evaluate import evaluation_loader, run_evaluation, selection_score
-from dmmi.engine.fastpath import autocast, cpu_has_native_bf16, fused_adamw_ok, prepare_model
+from dmmi.engine.fastpath import autocast, cpu_has_native_bf16, prepare_model
 from dmmi.engine.optim import build_optimizer, poly_scheduler
 from dmmi.errors import DmmiError
 from dmmi.losses import dmmi_loss
@@ -162,7 +162,7 @@ def _train(cfg: Config, info: DistInfo, device, *, resume, progress, log, t_star
     else:
         ddp, core = model, model
     step_model = torch.compile(ddp) if tc.compile else ddp
-    optimizer = build_optimizer(core, tc, fused=tc.fast and fused_adamw_ok(core))
+    optimizer = build_optimizer(core, tc, fused=tc.fast)
     steps_per_epoch = max(1, len(loader) // tc.grad_accum)
     total_steps = steps_per_epoch * tc.epochs
     budget_s = tc.max_minutes * 60 if tc.max_minutes else math.inf
