@@ -66,6 +66,10 @@ def test_train_one_item_per_ref_sentence_drawn_per_epoch(make_data, tokenizer):
         assert ds[0]["sent_id"] == first  # the same (seed, epoch, index) draws the same
         seen.add(first)
     assert seen == {10, 11}
+    with pytest.raises(DmmiError, match="item 0 of the training dataset has no fixed sentence"):
+        ds.sentence_at(0)  # what --by-wording reads: evaluation items only
+    ev = build(fx, "train", tokenizer, train=False)
+    assert [ev.sentence_at(i) for i in range(len(ev))] == [ev[i]["sentence"] for i in range(len(ev))]
     # another seed draws another sequence of choices
     other = build(fx, "train", tokenizer, train=True, erase=False, seed=1)
     draws = lambda d: [(d.set_epoch(e), d[0]["sent_id"])[1] for e in range(12)]  # noqa: E731
