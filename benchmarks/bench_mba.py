@@ -202,7 +202,8 @@ def main(argv=None):
                         out = [t.float() for t in run_variant(name, m, v, words, mask) if t is not None]
                         errs[name] = max((a - b).abs().max().item() for a, b in zip(ref, out))
             if not fast or not (gpu or args.cpu_bf16):
-                bad = {k: e for k, e in errs.items() if e > 1e-4}
+                tol = 1e-4 if not gpu else 2e-3  # cuDNN convolutions run in TF32 by default on a GPU
+                bad = {k: e for k, e in errs.items() if e > tol}
                 if bad:
                     raise SystemExit(f"stage {stage}: candidates differ from eager in fp32: {bad}")
             for name in VARIANTS:  # warm-up

@@ -39,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 20 GPU, 3 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 GPU, 2 CPU)")
     p.add_argument("--rounds", type=int, default=1, help="repeat (reference, fast) this many times")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after the timing, profile N more steps and print the top kernels/ops (torch.profiler)")
     p.add_argument("--worker", choices=("fast", "reference"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -93,6 +95,8 @@ def worker(args) -> dict:
             step_times.append(time.perf_counter() - s)
     C.sync(device)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    if args.profile:
+        print_profile(step, args.profile, device, f"{args.preset} {args.worker}")
     record = {
         "mode": args.worker,
         "setup": describe(device, fast, cpu_bf16=args.cpu_bf16, compile=args.compile if fast else False),
@@ -117,11 +121,28 @@ def worker(args) -> dict:
     return record
 
 
+def print_profile(step, n: int, device: torch.device, title: str) -> None:
+    """Profile ``n`` steps; print the ops by self device time (CPU time on CPU), top 30."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with profile(activities=activities) as prof:
+        for _ in range(n):
+            step()
+        C.sync(device)
+    key = "self_cuda_time_total" if gpu else "self_cpu_time_total"
+    print(f"profile of {n} steps, {title}, by {key}:", file=sys.stderr)
+    print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60), file=sys.stderr)
+
+
 def run_worker(mode: str, argv: list[str]) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", mode]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith(MARK):
+            if "profile of" in proc.stderr:  # --profile: the worker's table
+                sys.stderr.write(proc.stderr[proc.stderr.index("profile of"):])
             return json.loads(line[len(MARK):])
     raise SystemExit(f"{mode} run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
 

@@ -103,7 +103,9 @@ class DMMI(nn.Module):
         if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape:
             raise DmmiError(f"input_ids and attention_mask must both be (B, L), got {tuple(input_ids.shape)} "
                             f"and {tuple(attention_mask.shape)}")
-        if bool((attention_mask.sum(1) == 0).any()):
+        # eager only: the check reads the mask on the host, a graph break under torch.compile (the
+        # tokenizer and the datasets refuse empty expressions before they get here)
+        if not torch.compiler.is_compiling() and bool((attention_mask.sum(1) == 0).any()):
             raise DmmiError("an expression is empty (attention_mask has no token)")
         erased = None
         if self.training and self.ccr is not None and erased_ids is not None:

@@ -249,9 +249,12 @@ def test_cuda_fast_mode_matches_reference(fitted, cfg):
         prepare_model(ref, device, fast=False)  # flags back to PyTorch's defaults for the reference
         ref_logits = ref(batch["images"], batch["ids"], batch["mask"]).logits.float()
         prepare_model(fast, device, fast=True)
+        seen = []  # the class maps before the upsampling (CUDA autocast upsamples in fp32)
+        hook = fast.decoder.classifier.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
         with autocast(device, True):
             out = fast(prepare_images(batch["images"], device, True), batch["ids"], batch["mask"])
-        assert out.logits.dtype == torch.bfloat16
+        hook.remove()
+        assert seen == [torch.bfloat16]
         fast_logits = out.logits.float()
     assert (fast_logits - ref_logits).abs().max() <= 0.05 * ref_logits.abs().max()
     assert (fast_logits.argmax(1) == ref_logits.argmax(1)).float().mean() >= 0.99
