@@ -54,6 +54,7 @@ class ModelConfig:
     decoder_heads: int = 8
     decoder_ffn: int = 2048
     decoder_dropout: float = 0.1
+    decoder_pos_embed: bool = False  # 2D sine position codes on psi's pixel tokens (not in the paper)
     fusion_heads: int = 1
     compat: str = "dmmi"
 

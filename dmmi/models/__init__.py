@@ -48,7 +48,7 @@ def build_model(cfg: ModelConfig | Config, *, text_width: Optional[int] = None) 
     head = dict(heads=cfg.decoder_heads, ffn=cfg.decoder_ffn, dropout=cfg.decoder_dropout)
     dim = cfg.decoder_dim or text_width
     decoder = TextToImageDecoder(visual.widths, dim, use_transformer=cfg.decoder_transformer, text_dim=text_width,
-                                 **head)
+                                 pos_embed=cfg.decoder_pos_embed, **head)
     ccr = ContextClueRecovery(dim, text_width, **head) if cfg.i2t_decoder else None
     contrastive = (ContrastiveHead(dim, text_width, pool_padding=cfg.compat == "ris-dmmi")
                    if cfg.contrastive else None)

@@ -15,11 +15,27 @@ Skips s1..s4 come from the encoder at strides 4, 8, 16, 32 with widths C1..C4.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import contextlib
+import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# On a CPU PyTorch's flash-attention kernel is about 2x slower than its plain math kernel for
+# short sequences (fwd+bwd of psi at 6x6 / 12x12 tokens, the 96-px demo: 15 -> 8 ms and 47 -> 22
+# ms under bf16 autocast on 2 cores) and faster for long ones (20x20: 96 vs 129 ms). Up to this
+# many query x key pairs the decoders ask for the math kernel on a CPU; on a GPU PyTorch chooses.
+CPU_MATH_ATTENTION_MAX = 40_000
+
+
+def attention_kernel(device: torch.device, pairs: int):
+    """Context for the attention of ``pairs`` = Lq * Lk (the largest in the layer) on ``device``."""
+    if device.type == "cpu" and pairs <= CPU_MATH_ATTENTION_MAX:
+        return sdpa_kernel([SDPBackend.MATH])
+    return contextlib.nullcontext()
 
 
 class FuseUp(nn.Module):
@@ -41,21 +57,41 @@ class FuseUp(nn.Module):
         return self.block(torch.cat([deep, skip], dim=1))
 
 
+def sine_position_codes(h: int, w: int, dim: int, device=None, dtype=None) -> torch.Tensor:
+    """DETR's 2D sine codes: (h * w, dim), half the channels for y, half for x (dim % 4 == 0)."""
+    if dim % 4:
+        raise ValueError(f"sine position codes need a width divisible by 4, got {dim}")
+    n = dim // 4
+    freq = 1.0 / (10000 ** (torch.arange(n, device=device, dtype=torch.float32) / n))  # (n,)
+    ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h * 2 * math.pi
+    xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w * 2 * math.pi
+    py, px = ys[:, None] * freq, xs[:, None] * freq  # (h, n), (w, n)
+    py = torch.cat([py.sin(), py.cos()], 1)[:, None, :].expand(h, w, 2 * n)  # (h, w, dim/2)
+    px = torch.cat([px.sin(), px.cos()], 1)[None, :, :].expand(h, w, 2 * n)  # (h, w, dim/2)
+    return torch.cat([py, px], -1).reshape(h * w, dim).to(dtype or torch.float32)  # (h*w, dim)
+
+
 class WordQueryLayer(nn.Module):
     """psi: one transformer decoder layer, visual tokens as queries, words as memory.
 
     forward(x (B, D, H, W), words (B, L, D), word_pad (B, L) bool, True = padding, or None)
       -> (B, D, H, W). Post-norm, ReLU FFN (PyTorch defaults, as the authors).
+    ``pos_embed``: add 2D sine position codes to the pixel tokens first (not in the paper: the
+    authors' tokens know where they are only through convolution padding).
     """
 
-    def __init__(self, dim: int, heads: int, ffn: int, dropout: float):
+    def __init__(self, dim: int, heads: int, ffn: int, dropout: float, pos_embed: bool = False):
         super().__init__()
         self.layer = nn.TransformerDecoderLayer(dim, heads, ffn, dropout, batch_first=True)
+        self.pos_embed = pos_embed
 
     def forward(self, x: torch.Tensor, words: torch.Tensor, word_pad: Optional[torch.Tensor]) -> torch.Tensor:
         B, D, H, W = x.shape
         tokens = x.flatten(2).transpose(1, 2)  # (B, HW, D)
-        tokens = self.layer(tokens, words, memory_key_padding_mask=word_pad)
+        if self.pos_embed:
+            tokens = tokens + sine_position_codes(H, W, D, x.device, tokens.dtype)
+        with attention_kernel(x.device, (H * W) ** 2):  # self-attention is the larger one
+            tokens = self.layer(tokens, words, memory_key_padding_mask=word_pad)
         return tokens.transpose(1, 2).reshape(B, D, H, W)  # (B, D, H, W)
 
 
@@ -73,15 +109,15 @@ class TextToImageDecoder(nn.Module):
     """Eq. 7. forward(skips [s1..s4], words (B, L, D), word_pad (B, L) or None) -> DecoderMaps."""
 
     def __init__(self, widths, dim: int, *, heads: int = 8, ffn: int = 2048, dropout: float = 0.1,
-                 use_transformer: bool = True, text_dim: Optional[int] = None):
+                 use_transformer: bool = True, text_dim: Optional[int] = None, pos_embed: bool = False):
         super().__init__()
         c1, c2, c3, c4 = widths
         # words are projected to the decoder width only when it differs from the text width
         self.word_proj = nn.Linear(text_dim, dim) if text_dim and text_dim != dim and use_transformer else None
         self.fuse_16 = FuseUp(c4, c3, dim)
-        self.query_16 = WordQueryLayer(dim, heads, ffn, dropout) if use_transformer else None
+        self.query_16 = WordQueryLayer(dim, heads, ffn, dropout, pos_embed) if use_transformer else None
         self.fuse_8 = FuseUp(dim, c2, dim)
-        self.query_8 = WordQueryLayer(dim, heads, ffn, dropout) if use_transformer else None
+        self.query_8 = WordQueryLayer(dim, heads, ffn, dropout, pos_embed) if use_transformer else None
         self.fuse_4 = FuseUp(dim, c1, dim)
         self.classifier = nn.Conv2d(dim, 2, 1)
 
@@ -111,7 +147,9 @@ class ContextClueRecovery(nn.Module):
 
     def forward(self, y8: torch.Tensor, erased_words: torch.Tensor, word_pad: Optional[torch.Tensor]) -> torch.Tensor:
         memory = self.visual_memory(y8).flatten(2).transpose(1, 2)  # (B, hw, Ct)
-        return self.layer(erased_words, memory, tgt_key_padding_mask=word_pad)  # (B, L, Ct)
+        L, hw = erased_words.shape[1], memory.shape[1]
+        with attention_kernel(y8.device, L * max(L, hw)):
+            return self.layer(erased_words, memory, tgt_key_padding_mask=word_pad)  # (B, L, Ct)
 
 
 class ContrastiveHead(nn.Module):

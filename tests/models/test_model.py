@@ -214,3 +214,63 @@ def test_frozen_stages_through_the_config_reach_the_model():
     assert model.visual.frozen_stages == 2 and "patch_embed" not in trainable
     assert not any(p.requires_grad for p in model.visual.body.layers[1].parameters())
     assert all(p.requires_grad for p in model.visual.body.layers[2].parameters())
+
+
+# ------------------------------------------------------------------ decoder position codes
+def test_sine_position_codes_separate_rows_and_columns():
+    from dmmi.models.decoders import sine_position_codes
+
+    codes = sine_position_codes(3, 5, 16).reshape(3, 5, 16)  # (h, w, dim)
+    assert codes.abs().max() <= 1.0
+    # the first half depends on the row only, the second on the column only
+    assert torch.equal(codes[0, :, :8], codes[0, :1, :8].expand(5, 8))
+    assert torch.equal(codes[:, 0, 8:], codes[:1, 0, 8:].expand(3, 8))
+    flat = codes.reshape(15, 16)
+    assert torch.cdist(flat, flat).add(torch.eye(15) * 10).min() > 0.1  # every position its own code
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sine_position_codes(2, 2, 6)
+
+
+@pytest.mark.parametrize("pos_embed", [False, True])
+def test_word_query_layer_sees_position_only_with_codes(pos_embed):
+    """Without position codes psi is blind to where a token is (a mirrored image gives the mirrored
+    output); with them it is not, which is what "leftmost" needs."""
+    from dmmi.models.decoders import WordQueryLayer
+
+    torch.manual_seed(0)
+    layer = WordQueryLayer(16, 2, 32, 0.0, pos_embed=pos_embed).eval()
+    x, words = torch.randn(1, 16, 4, 6), torch.randn(1, 3, 16)
+    with torch.no_grad():
+        out, out_mirrored = layer(x, words, None), layer(x.flip(-1), words, None)
+    assert torch.allclose(out.flip(-1), out_mirrored, atol=1e-5) is (not pos_embed)
+
+
+def test_decoder_pos_embed_is_off_in_the_paper_presets():
+    assert not load_config("dmmi_swin_b").model.decoder_pos_embed
+    model = build_preset("dmmi_tiny", ["model.decoder_pos_embed=true"])
+    assert model.decoder.query_16.pos_embed and model.decoder.query_8.pos_embed
+
+
+def test_decoders_use_the_math_attention_kernel_for_short_sequences_on_cpu():
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from dmmi.models.decoders import CPU_MATH_ATTENTION_MAX, WordQueryLayer, attention_kernel
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not isinstance(attention_kernel(cpu, 144 * 144), contextlib.nullcontext)
+    assert isinstance(attention_kernel(cpu, CPU_MATH_ATTENTION_MAX + 1), contextlib.nullcontext)
+    assert isinstance(attention_kernel(cuda, 144 * 144), contextlib.nullcontext)  # PyTorch chooses there
+    # same function either way: psi on a 6x6 map through the math kernel vs the flash kernel
+    torch.manual_seed(0)
+    layer = WordQueryLayer(32, 4, 64, 0.0).eval()
+    x, words = torch.randn(2, 32, 6, 6), torch.randn(2, 5, 32)
+    pad = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    with torch.no_grad():
+        chosen = layer(x, words, pad)
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            tokens = x.flatten(2).transpose(1, 2)
+            flash = layer.layer(tokens, words, memory_key_padding_mask=pad).transpose(1, 2).reshape(2, 32, 6, 6)
+    assert torch.allclose(chosen, flash, atol=1e-5)
+
