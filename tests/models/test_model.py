@@ -245,8 +245,9 @@ def test_word_query_layer_sees_position_only_with_codes(pos_embed):
     assert torch.allclose(out.flip(-1), out_mirrored, atol=1e-5) is (not pos_embed)
 
 
-def test_decoder_pos_embed_is_off_in_the_paper_presets():
-    assert not load_config("dmmi_swin_b").model.decoder_pos_embed
+def test_decoder_pos_embed_is_off_in_the_paper_presets_and_on_in_the_demo():
+    assert not any(load_config(p).model.decoder_pos_embed for p in ("dmmi_swin_b", "dmmi_r101", "dmmi_lite"))
+    assert load_config("demo_lite").model.decoder_pos_embed
     model = build_preset("dmmi_tiny", ["model.decoder_pos_embed=true"])
     assert model.decoder.query_16.pos_embed and model.decoder.query_8.pos_embed
 
