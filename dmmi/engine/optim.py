@@ -72,7 +72,6 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False) -> 
     :func:`dmmi.engine.fastpath.fused_adamw_ok` says it can run (otherwise the multi-tensor
     implementation is used).
     """
-
     groups = param_groups(model, cfg.weight_decay, cfg.text_lr)
     if not groups:
         raise DmmiError("build_optimizer: the model has no trainable parameters")

@@ -14,15 +14,18 @@ Skips s1..s4 come from the encoder at strides 4, 8, 16, 32 with widths C1..C4.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import contextlib
+import functools
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from dmmi.errors import DmmiError
 
 # On a CPU PyTorch's flash-attention kernel is about 2x slower than its plain math kernel for
 # short sequences (fwd+bwd of psi at 6x6 / 12x12 tokens, the 96-px demo: 15 -> 8 ms and 47 -> 22
@@ -57,6 +60,7 @@ class FuseUp(nn.Module):
         return self.block(torch.cat([deep, skip], dim=1))
 
 
+@functools.lru_cache(maxsize=16)  # the same few map sizes every step: build each once, never mutated
 def sine_position_codes(h: int, w: int, dim: int, device=None, dtype=None) -> torch.Tensor:
     """DETR's 2D sine codes: (h * w, dim), half the channels for y, half for x (dim % 4 == 0)."""
     if dim % 4:
@@ -82,6 +86,8 @@ class WordQueryLayer(nn.Module):
 
     def __init__(self, dim: int, heads: int, ffn: int, dropout: float, pos_embed: bool = False):
         super().__init__()
+        if pos_embed and dim % 4:
+            raise DmmiError(f"model.decoder_pos_embed needs a decoder width divisible by 4, got {dim}")
         self.layer = nn.TransformerDecoderLayer(dim, heads, ffn, dropout, batch_first=True)
         self.pos_embed = pos_embed
 

@@ -18,11 +18,11 @@ multiplies the projected pixels.
 
 Where the stage is narrower than the text and than its pixel count (C < Ct, C < N: the early
 stages), the image-to-text branch never builds its (B, Ct, N) pixel keys and values. Their
-InstanceNorm'd 1x1 projections are linear in the centred pixels, IN(W v + b) = diag(1/sigma) W (v - mean(v)), with
-sigma^2 = diag(W Cov(v) W^T) + eps, so q . key = ((q / sigma) W) . (v - mean) and
-attn @ value = (attn @ (v - mean)^T) W^T / sigma: (B, L, C) and (B, C, C) products instead of
-(B, Ct, N) maps (the covariance costs B*Ct*C*C, the keys B*Ct*C*N: hence C < N). The same
-function and gradients, tested against the direct path.
+InstanceNorm'd 1x1 projections are linear in the centred pixels,
+IN(W v + b) = diag(1/sigma) W (v - mean(v)), with sigma^2 = diag(W Cov(v) W^T) + eps, so
+q . key = ((q / sigma) W) . (v - mean) and attn @ value = (attn @ (v - mean)^T) W^T / sigma:
+(B, L, C) and (B, C, C) products instead of (B, Ct, N) maps (the covariance costs B*Ct*C*C,
+the keys B*Ct*C*N: hence C < N). The same function and gradients, tested against the direct path.
 """
 
 from __future__ import annotations

@@ -229,6 +229,7 @@ def test_sine_position_codes_separate_rows_and_columns():
     assert torch.cdist(flat, flat).add(torch.eye(15) * 10).min() > 0.1  # every position its own code
     with pytest.raises(ValueError, match="divisible by 4"):
         sine_position_codes(2, 2, 6)
+    assert sine_position_codes(3, 5, 16) is sine_position_codes(3, 5, 16)  # built once per size
 
 
 @pytest.mark.parametrize("pos_embed", [False, True])
@@ -250,6 +251,8 @@ def test_decoder_pos_embed_is_off_in_the_paper_presets_and_on_in_the_demo():
     assert load_config("demo_lite").model.decoder_pos_embed
     model = build_preset("dmmi_tiny", ["model.decoder_pos_embed=true"])
     assert model.decoder.query_16.pos_embed and model.decoder.query_8.pos_embed
+    with pytest.raises(DmmiError, match="decoder_pos_embed needs a decoder width divisible by 4, got 30"):
+        build_preset("dmmi_tiny", ["model.decoder_pos_embed=true", "model.decoder_dim=30", "model.decoder_heads=2"])
 
 
 def test_decoders_use_the_math_attention_kernel_for_short_sequences_on_cpu():
