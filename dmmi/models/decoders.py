@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dmmi.errors import DmmiError
+from dmmi.models.mba import PointwiseConv1d
 
 # On a CPU PyTorch's flash-attention kernel is about 2x slower than its plain math kernel for
 # short sequences (fwd+bwd of psi at 6x6 / 12x12 tokens, the 96-px demo: 15 -> 8 ms and 47 -> 22
@@ -170,7 +171,7 @@ class ContrastiveHead(nn.Module):
         super().__init__()
         self.fuse_8 = nn.Linear(2 * dim, text_dim)
         self.fuse_4 = nn.Linear(text_dim + dim, text_dim)
-        self.text_align = nn.Conv1d(text_dim, text_dim, 1)
+        self.text_align = PointwiseConv1d(text_dim, text_dim)
         self.pool_padding = pool_padding
 
     def forward(self, maps: DecoderMaps, words: torch.Tensor, word_mask: torch.Tensor):

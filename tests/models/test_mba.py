@@ -4,6 +4,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from dmmi.models.mba import MultiScaleBidirectionalAttention, RegionWordAttention, StageFusion, WordWindowPixelAttention
 
@@ -170,3 +171,29 @@ def test_factored_path_is_chosen_only_where_it_is_cheaper(monkeypatch):
     wide = MultiScaleBidirectionalAttention(24, 20)
     wide(torch.randn(1, 24, 8, 8), torch.randn(1, 20, 3), mask)  # C >= Ct
     assert len(calls) == 3
+
+
+def test_pointwise_conv_is_the_1x1_convolution_with_its_gradients_and_keys():
+    from dmmi.models.mba import PointwiseConv1d
+
+    torch.manual_seed(0)
+    fast, conv = PointwiseConv1d(6, 5), nn.Conv1d(6, 5, 1)
+    conv.load_state_dict(fast.state_dict())  # same keys and shapes: the authors' weights load as they are
+    assert {k: v.shape for k, v in fast.state_dict().items()} == {k: v.shape for k, v in conv.state_dict().items()}
+    x = torch.randn(3, 6, 7, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    out, ref = fast(x), conv(x2)
+    assert out.shape == (3, 5, 7) and torch.allclose(out, ref, atol=1e-6)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g)
+    assert torch.allclose(x.grad, x2.grad, atol=1e-6)
+    assert torch.allclose(fast.weight.grad, conv.weight.grad, atol=1e-5)
+    assert torch.allclose(fast.bias.grad, conv.bias.grad, atol=1e-5)
+    # every 1x1 Conv1d of the network goes through it (MBA stages, the contrastive head)
+    from dmmi.models import build_preset
+
+    model = build_preset("dmmi_tiny")
+    assert not [m for m in model.modules() if type(m) is nn.Conv1d]
+    assert len([m for m in model.fusions[0].modules() if isinstance(m, PointwiseConv1d)]) > 10
+    assert isinstance(model.contrastive.text_align, PointwiseConv1d)
