@@ -41,6 +41,7 @@ class ModelConfig:
     text_config: Optional[dict] = None  # BertConfig overrides for a random encoder (tests)
     text_trainable_layers: Optional[int] = None  # None = all; the authors train 10 (emb..9)
     text_frozen: bool = False  # freeze the whole text encoder (runs without gradients)
+    text_cache: int = 0  # with text_frozen: cache the word features of this many expressions (LRU)
     backbone_frozen_stages: int = 0  # freeze the stem + this many visual stages (0-4; eval-mode BN)
     max_tokens: int = 20
     image_size: int = 448
@@ -65,6 +66,10 @@ class ModelConfig:
             raise DmmiError(f"model.compat: unknown mode {self.compat!r}; choose one of {', '.join(COMPAT_MODES)}")
         if not 0 <= self.backbone_frozen_stages <= 4:
             raise DmmiError(f"model.backbone_frozen_stages must be 0-4, got {self.backbone_frozen_stages}")
+        if self.text_cache < 0:
+            raise DmmiError(f"model.text_cache must be >= 0, got {self.text_cache}")
+        if self.text_cache and not self.text_frozen:
+            raise DmmiError("model.text_cache needs model.text_frozen=true (a trained encoder changes every step)")
         if self.max_tokens < 2:
             raise DmmiError(f"model.max_tokens must be at least 2, got {self.max_tokens}")
         if self.image_size < 32 or self.image_size % 32:

