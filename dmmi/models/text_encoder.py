@@ -51,7 +51,8 @@ class TextEncoder(nn.Module):
     dtype, and encode only the rows not seen before. A frozen encoder is a fixed function of its
     input, so a hit returns what encoding would (up to float rounding: a row's features move by
     ~1e-6 with the other rows of its batch). Loading weights or moving the module empties it.
-    Costs L x Ct floats per cached expression (20 x 384 x 4 B = 30 KB for MiniLM).
+    Costs L x Ct floats per cached expression on the encoder's device (20 x 384 x 4 B = 30 KB for
+    MiniLM) and, on a GPU, one small host copy of the ids per call (to build the keys).
     """
 
     def __init__(self, name_or_path: str, *, pretrained: bool = True, config_overrides: dict | None = None,
