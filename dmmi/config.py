@@ -56,6 +56,7 @@ class ModelConfig:
     decoder_ffn: int = 2048
     decoder_dropout: float = 0.1
     decoder_pos_embed: bool = False  # 2D sine position codes on psi's pixel tokens (not in the paper)
+    location_prior: bool = False  # sentence-conditioned linear tilt of the foreground logit (not in the paper)
     fusion_heads: int = 1
     compat: str = "dmmi"
 
@@ -86,12 +87,15 @@ class LossConfig:
     w_sim: float = 0.01
     w_con: float = 0.01
     temperature: float = 0.05  # logits = cos / temperature (paper: x20)
+    w_empty: float = 0.0  # L_empty on zero-target samples' worst pixels (not in the paper; losses.empty_mask_loss)
 
     def __post_init__(self) -> None:
         if len(self.ce_weights) != 2:
             raise DmmiError(f"loss.ce_weights needs 2 values (background, foreground), got {self.ce_weights}")
         if self.temperature <= 0:
             raise DmmiError(f"loss.temperature must be > 0, got {self.temperature}")
+        if self.w_empty < 0:
+            raise DmmiError(f"loss.w_empty must be >= 0, got {self.w_empty}")
 
 
 @dataclass

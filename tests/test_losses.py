@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dmmi.config import LossConfig
+from dmmi.errors import DmmiError
 from dmmi.losses import contrastive_loss, dmmi_loss, segmentation_loss, similarity_loss
 from dmmi.models.dmmi import DMMIOutput
 
@@ -63,3 +64,39 @@ def test_total_loss_weights_and_missing_branches():
     assert terms.total.item() == pytest.approx(terms.ce.item() + 0.5 * terms.sim.item() + 2.0 * terms.con.item())
     plain = dmmi_loss(DMMIOutput(logits=logits, words_final=words), target, mask, delta, cfg)
     assert plain.sim is None and plain.con is None and plain.total.item() == pytest.approx(math.log(2))
+
+
+def test_empty_mask_loss_by_hand():
+    """softplus(mean of the top 0.5% foreground margins) per zero-target sample, / B; targeted
+    samples add nothing; the gradient reaches only those worst pixels."""
+    from dmmi.losses import empty_mask_loss
+
+    logits = torch.zeros(3, 2, 20, 20)  # 400 pixels: the top 2 count
+    logits[:, 0] = 3.0  # background everywhere by a margin of 3 ...
+    logits[0, 1, 0, :2] = 8.0  # ... but sample 0 has a 2-pixel blob at margin +5
+    logits[2, 1, 5, 5] = 13.0  # sample 2 (targeted) has a blob too: ignored
+    logits.requires_grad_(True)
+    delta = torch.tensor([0, 0, 1])
+    loss = empty_mask_loss(logits, delta)
+    expected = (math.log1p(math.exp(5.0)) + math.log1p(math.exp(-3.0))) / 3
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    touched = logits.grad.abs().sum(1) > 0  # (B, H, W)
+    assert touched[0].sum() == 2 and touched[0, 0, :2].all()
+    assert (logits.grad[0, 1, 0, :2] > 0).all()  # descent pushes the blob's foreground down
+    assert touched[1].sum() == 2 and not touched[2].any()
+    assert empty_mask_loss(logits.detach(), torch.tensor([1, 1, 1])).item() == 0.0
+
+
+def test_empty_mask_loss_joins_the_total_only_with_a_weight():
+    logits = torch.zeros(2, 2, 4, 4)
+    target = torch.zeros(2, 4, 4, dtype=torch.long)
+    out = DMMIOutput(logits=logits, words_final=torch.randn(2, 3, 4))
+    mask, delta = torch.ones(2, 3), torch.tensor([0, 1])
+    assert dmmi_loss(out, target, mask, delta, LossConfig()).empty is None  # the paper's loss
+    terms = dmmi_loss(out, target, mask, delta, LossConfig(w_empty=0.5))
+    assert terms.empty.item() == pytest.approx(math.log(2) / 2)  # margin 0 -> softplus(0), 1 of 2 samples
+    assert terms.total.item() == pytest.approx(terms.ce.item() + 0.5 * terms.empty.item())
+    assert "loss_empty" in terms.as_dict()
+    with pytest.raises(DmmiError, match="loss.w_empty must be >= 0, got -1"):
+        LossConfig(w_empty=-1)

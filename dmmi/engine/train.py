@@ -312,7 +312,7 @@ def _train(cfg: Config, info: DistInfo, device, *, resume, progress, log, t_star
             if "val" in logged:
                 logged |= {"val.dmmi.oIoU", "val.dmmi.Acc"}
             # ablations without CCR / contrastive head log no loss_sim / loss_con: plot what exists
-            keys = [k for k in ("loss", "loss_ce", "loss_sim", "loss_con", "val.dmmi.oIoU", "val.dmmi.Acc")
+            keys = [k for k in ("loss", "loss_ce", "loss_sim", "loss_con", "loss_empty", "val.dmmi.oIoU", "val.dmmi.Acc")
                     if k in logged]
             plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png", keys=keys)
         except Exception as e:  # noqa: BLE001 - a plot never fails a run

@@ -13,7 +13,7 @@ from torch import nn
 
 from dmmi.config import Config, ModelConfig, available_presets, load_config
 from dmmi.models.backbones import build_backbone
-from dmmi.models.decoders import ContextClueRecovery, ContrastiveHead, TextToImageDecoder
+from dmmi.models.decoders import ContextClueRecovery, ContrastiveHead, LocationPrior, TextToImageDecoder
 from dmmi.models.dmmi import DMMI, DMMIOutput
 from dmmi.models.mba import StageFusion
 from dmmi.models.text_encoder import TextEncoder
@@ -52,8 +52,9 @@ def build_model(cfg: ModelConfig | Config, *, text_width: Optional[int] = None) 
     ccr = ContextClueRecovery(dim, text_width, **head) if cfg.i2t_decoder else None
     contrastive = (ContrastiveHead(dim, text_width, pool_padding=cfg.compat == "ris-dmmi")
                    if cfg.contrastive else None)
+    location_prior = LocationPrior(text_width) if cfg.location_prior else None
     return DMMI(text_encoder=text_encoder, visual=visual, fusions=fusions, decoder=decoder, ccr=ccr,
-                contrastive=contrastive, compat=cfg.compat)
+                contrastive=contrastive, compat=cfg.compat, location_prior=location_prior)
 
 
 def build_preset(name: str, overrides: tuple | list = (), **kwargs) -> DMMI:

@@ -10,6 +10,8 @@ Skips s1..s4 come from the encoder at strides 4, 8, 16, 32 with widths C1..C4.
   map through one transformer decoder layer -> reconstructed words E^ (training only).
 * ContrastiveHead (§3.3.2): pooled multi-level visual vector V_o and pooled words E_o
   (training only).
+* LocationPrior (not in the paper, ``model.location_prior``; on in ``demo_lite``): a
+  sentence-conditioned linear tilt of the foreground logit ("leftmost" leans left).
 """
 
 from __future__ import annotations
@@ -138,6 +140,37 @@ class TextToImageDecoder(nn.Module):
         x = self.query_8(y8, words, word_pad) if self.query_8 is not None else y8
         y4 = self.fuse_4(x, s1)
         return DecoderMaps(logits=self.classifier(y4), y16=y16, y8=y8, y4=y4)
+
+
+class LocationPrior(nn.Module):
+    """A sentence-conditioned linear location prior on the foreground logit (not in the paper).
+
+    g = Linear(masked mean of the text encoder's words) in R^2; the foreground logit at a pixel
+    with centred coordinates (x, y) in [-1, 1] gains g_x * x + g_y * y. "the leftmost ..." can
+    then tilt the map towards the left, which picks the extreme one of the matching objects more
+    often than not; the decoder alone learnt no direction at all in the 96-px demo (the outputs
+    for "leftmost" and "rightmost" differed by 0.003 in probability). Zero-initialised: a fresh
+    model predicts as without it.
+
+    forward(logits (B, 2, h, w), words (B, L, Ct), word_mask (B, L)) -> logits (B, 2, h, w)
+    """
+
+    def __init__(self, text_dim: int, gain: float = 10.0):
+        super().__init__()
+        self.gain = gain
+        self.slopes = nn.Linear(text_dim, 2)
+        nn.init.zeros_(self.slopes.weight)
+        nn.init.zeros_(self.slopes.bias)
+
+    def forward(self, logits: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
+        B, _, h, w = logits.shape
+        m = word_mask[:, :, None].to(words.dtype)  # (B, L, 1)
+        pooled = (words * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B, Ct)
+        g = (self.gain * self.slopes(pooled)).to(logits.dtype)  # (B, 2)
+        xs = (torch.arange(w, device=logits.device, dtype=logits.dtype) + 0.5) / w * 2 - 1  # (w,)
+        ys = (torch.arange(h, device=logits.device, dtype=logits.dtype) + 0.5) / h * 2 - 1  # (h,)
+        tilt = g[:, 0, None, None] * xs[None, None, :] + g[:, 1, None, None] * ys[None, :, None]  # (B, h, w)
+        return torch.stack([logits[:, 0], logits[:, 1] + tilt], dim=1)  # (B, 2, h, w)
 
 
 class ContextClueRecovery(nn.Module):

@@ -5,6 +5,7 @@
       -> hierarchical encoder: 4 x (visual stage, StageFusion/MBA)        Fig. 2a
            -> skips s1..s4 (LayerNorm of each R_v), final words E4*
       -> TextToImageDecoder(skips, E4*) -> 2 class maps -> upsample        Fig. 2b
+         [optional, not in the paper: LocationPrior(E) tilts the foreground map first]
       -> training only: ContextClueRecovery(y8, E') -> E^; ContrastiveHead  Fig. 2c
 
 At inference (``model.eval()``) the erased sentence is not encoded and the CCR branch and the
@@ -22,7 +23,7 @@ from torch import nn
 
 from dmmi.errors import DmmiError
 from dmmi.models.backbones import StageBackbone
-from dmmi.models.decoders import ContextClueRecovery, ContrastiveHead, TextToImageDecoder
+from dmmi.models.decoders import ContextClueRecovery, ContrastiveHead, LocationPrior, TextToImageDecoder
 from dmmi.models.text_encoder import TextEncoder
 
 
@@ -49,7 +50,8 @@ class DMMI(nn.Module):
 
     def __init__(self, *, text_encoder: Optional[TextEncoder], visual: StageBackbone, fusions: nn.ModuleList,
                  decoder: TextToImageDecoder, ccr: Optional[ContextClueRecovery] = None,
-                 contrastive: Optional[ContrastiveHead] = None, compat: str = "dmmi"):
+                 contrastive: Optional[ContrastiveHead] = None, compat: str = "dmmi",
+                 location_prior: Optional[LocationPrior] = None):
         super().__init__()
         self.text_encoder = text_encoder
         self.visual = visual
@@ -58,6 +60,7 @@ class DMMI(nn.Module):
         self.ccr = ccr
         self.contrastive = contrastive
         self.compat = compat
+        self.location_prior = location_prior
 
     # ---------------------------------------------------------------- encoder (Fig. 2a)
     def encode(self, images: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor):
@@ -84,7 +87,10 @@ class DMMI(nn.Module):
         skips, words_final = self.encode(images, words, word_mask)
         word_pad = None if self.compat == "ris-dmmi" else ~word_mask.bool()  # (B, L) True = padding
         maps = self.decoder(skips, words_final, word_pad)
-        logits = F.interpolate(maps.logits, size=images.shape[-2:], mode="bilinear", align_corners=True)
+        logits = maps.logits  # (B, 2, H/4, W/4)
+        if self.location_prior is not None:
+            logits = self.location_prior(logits, words, word_mask)
+        logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=True)
         out = DMMIOutput(logits=logits, words_final=words_final, skips=skips)
         if self.training:
             if self.ccr is not None:

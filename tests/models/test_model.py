@@ -278,3 +278,45 @@ def test_decoders_use_the_math_attention_kernel_for_short_sequences_on_cpu():
             flash = layer.layer(tokens, words, memory_key_padding_mask=pad).transpose(1, 2).reshape(2, 32, 6, 6)
     assert torch.allclose(chosen, flash, atol=1e-5)
 
+
+
+def test_location_prior_starts_neutral_and_tilts_the_foreground_by_the_sentence():
+    """Zero-initialised it changes nothing; with slopes it adds g_x * x + g_y * y (x, y centred in
+    [-1, 1]) to the foreground logit only, g from the masked mean of the words (padding ignored)."""
+    from dmmi.models.decoders import LocationPrior
+
+    torch.manual_seed(0)
+    prior = LocationPrior(8, gain=1.0)
+    logits, words = torch.randn(2, 2, 3, 4), torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert torch.equal(prior(logits, words, mask), logits)
+    with torch.no_grad():
+        prior.slopes.weight[0, 0] = 1.0  # g_x = mean of channel 0 over the valid words
+        prior.slopes.bias[1] = -2.0  # g_y = -2 for every sentence
+    out = prior(logits, words, mask)
+    assert torch.equal(out[:, 0], logits[:, 0])  # background untouched
+    g_x = torch.stack([words[0, :3, 0].mean(), words[1, :, 0].mean()])  # (2,)
+    xs = (torch.arange(4) + 0.5) / 4 * 2 - 1
+    ys = (torch.arange(3) + 0.5) / 3 * 2 - 1
+    expected = logits[:, 1] + g_x[:, None, None] * xs[None, None, :] - 2.0 * ys[None, :, None]
+    assert torch.allclose(out[:, 1], expected, atol=1e-6)
+    words_padding_changed = words.clone()
+    words_padding_changed[0, 3:] = 100.0
+    assert torch.allclose(prior(logits, words_padding_changed, mask), out)
+
+
+def test_location_prior_is_off_in_the_paper_presets_and_reaches_the_logits_when_on():
+    assert not any(load_config(p).model.location_prior for p in ("dmmi_swin_b", "dmmi_r101", "dmmi_lite"))
+    assert not any(load_config(p).loss.w_empty for p in ("dmmi_swin_b", "dmmi_r101", "dmmi_lite"))
+    assert load_config("demo_lite").model.location_prior and load_config("demo_lite").loss.w_empty > 0
+    assert build_preset(TINY).location_prior is None
+    model = build_preset(TINY, ["model.location_prior=true"]).eval()
+    assert not any(k.startswith("location_prior") for k in build_preset(TINY).state_dict())  # parity keys unchanged
+    images, ids, mask, *_ = _batch()
+    with torch.no_grad():
+        before = model(images, ids, mask).logits
+        model.location_prior.slopes.bias.copy_(torch.tensor([4.0, 0.0]) / model.location_prior.gain)  # all lean right
+        after = model(images, ids, mask).logits
+    gain = (after[:, 1] - after[:, 0]) - (before[:, 1] - before[:, 0])  # (B, H, W)
+    assert (gain[:, :, -1] > 3.0).all() and (gain[:, :, 0] < -3.0).all()
+    assert torch.allclose(gain[:, 5], gain[:, 40], atol=1e-4)  # a tilt along x only
