@@ -57,6 +57,8 @@ class ModelConfig:
     decoder_dropout: float = 0.1
     decoder_pos_embed: bool = False  # 2D sine position codes on psi's pixel tokens (not in the paper)
     location_prior: bool = False  # sentence-conditioned linear tilt of the foreground logit (not in the paper)
+    location_prior_mode: str = "pixel"  # pixel: tilt every pixel | object: compare candidate regions
+    location_prior_gain: float = 10.0  # slopes = gain x Linear(words): a larger gain learns them faster
     fusion_heads: int = 1
     compat: str = "dmmi"
 
@@ -67,6 +69,10 @@ class ModelConfig:
             raise DmmiError(f"model.compat: unknown mode {self.compat!r}; choose one of {', '.join(COMPAT_MODES)}")
         if not 0 <= self.backbone_frozen_stages <= 4:
             raise DmmiError(f"model.backbone_frozen_stages must be 0-4, got {self.backbone_frozen_stages}")
+        if not self.location_prior_gain > 0:
+            raise DmmiError(f"model.location_prior_gain must be > 0, got {self.location_prior_gain}")
+        if self.location_prior_mode not in ("pixel", "object"):
+            raise DmmiError(f"model.location_prior_mode must be 'pixel' or 'object', got {self.location_prior_mode!r}")
         if self.text_cache < 0:
             raise DmmiError(f"model.text_cache must be >= 0, got {self.text_cache}")
         if self.text_cache and not self.text_frozen:

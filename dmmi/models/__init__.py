@@ -52,7 +52,7 @@ def build_model(cfg: ModelConfig | Config, *, text_width: Optional[int] = None) 
     ccr = ContextClueRecovery(dim, text_width, **head) if cfg.i2t_decoder else None
     contrastive = (ContrastiveHead(dim, text_width, pool_padding=cfg.compat == "ris-dmmi")
                    if cfg.contrastive else None)
-    location_prior = LocationPrior(text_width) if cfg.location_prior else None
+    location_prior = LocationPrior(text_width, gain=cfg.location_prior_gain, mode=cfg.location_prior_mode) if cfg.location_prior else None
     return DMMI(text_encoder=text_encoder, visual=visual, fusions=fusions, decoder=decoder, ccr=ccr,
                 contrastive=contrastive, compat=cfg.compat, location_prior=location_prior)
 

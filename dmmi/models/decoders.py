@@ -11,7 +11,8 @@ Skips s1..s4 come from the encoder at strides 4, 8, 16, 32 with widths C1..C4.
 * ContrastiveHead (§3.3.2): pooled multi-level visual vector V_o and pooled words E_o
   (training only).
 * LocationPrior (not in the paper, ``model.location_prior``; on in ``demo_lite``): a
-  sentence-conditioned linear tilt of the foreground logit ("leftmost" leans left).
+  sentence-conditioned tilt of the foreground logit, per pixel ("leftmost" leans left) or per
+  candidate region relative to the others (``location_prior_mode=object``: the left one rises).
 """
 
 from __future__ import annotations
@@ -143,21 +144,34 @@ class TextToImageDecoder(nn.Module):
 
 
 class LocationPrior(nn.Module):
-    """A sentence-conditioned linear location prior on the foreground logit (not in the paper).
+    """A sentence-conditioned location prior on the foreground logit (not in the paper).
 
-    g = Linear(masked mean of the text encoder's words) in R^2; the foreground logit at a pixel
-    with centred coordinates (x, y) in [-1, 1] gains g_x * x + g_y * y. "the leftmost ..." can
-    then tilt the map towards the left, which picks the extreme one of the matching objects more
-    often than not; the decoder alone learnt no direction at all in the 96-px demo (the outputs
-    for "leftmost" and "rightmost" differed by 0.003 in probability). Zero-initialised: a fresh
-    model predicts as without it.
+    g = gain * Linear(masked mean of the text encoder's words) in R^2 gives a tilt g_x * x + g_y * y
+    over centred coordinates (x, y) in [-1, 1]; "the leftmost ..." learns g_x < 0. The decoder
+    alone learnt no direction at all in the 96-px demo (its outputs for "leftmost" and "rightmost"
+    differed by 0.003 in probability). Zero-initialised: a fresh model predicts as without it.
+
+    mode "pixel": every pixel's foreground logit gains the tilt at its own coordinates.
+    mode "object": a comparison among the decoder's candidates, wherever they lie. The candidates
+    are the connected regions of the incoming map with foreground probability above
+    ``CANDIDATE_PROB`` (8-connected, found by masked max-pooling; no gradient); each region takes
+    the tilt at its bounding-box centre, so a whole object moves together, and the tilts are
+    centred on their mean over the candidates (weighted by probability): with "the leftmost"
+    the left candidate rises and the right one falls by the same amount whether both lie in the
+    left or the right half (a pixel tilt lowers both in the wrong half). Other pixels are left
+    alone; no candidate, or zero slopes: no change.
 
     forward(logits (B, 2, h, w), words (B, L, Ct), word_mask (B, L)) -> logits (B, 2, h, w)
     """
 
-    def __init__(self, text_dim: int, gain: float = 10.0):
+    MODES = ("pixel", "object")
+    CANDIDATE_PROB = 0.1  # object mode: hesitant maps (two candidates at p = 0.4) must still count
+
+    def __init__(self, text_dim: int, gain: float = 10.0, mode: str = "pixel"):
         super().__init__()
-        self.gain = gain
+        if mode not in self.MODES:
+            raise DmmiError(f"location prior mode must be one of {', '.join(self.MODES)}, got {mode!r}")
+        self.gain, self.mode = gain, mode
         self.slopes = nn.Linear(text_dim, 2)
         nn.init.zeros_(self.slopes.weight)
         nn.init.zeros_(self.slopes.bias)
@@ -169,8 +183,50 @@ class LocationPrior(nn.Module):
         g = (self.gain * self.slopes(pooled)).to(logits.dtype)  # (B, 2)
         xs = (torch.arange(w, device=logits.device, dtype=logits.dtype) + 0.5) / w * 2 - 1  # (w,)
         ys = (torch.arange(h, device=logits.device, dtype=logits.dtype) + 0.5) / h * 2 - 1  # (h,)
-        tilt = g[:, 0, None, None] * xs[None, None, :] + g[:, 1, None, None] * ys[None, :, None]  # (B, h, w)
-        return torch.stack([logits[:, 0], logits[:, 1] + tilt], dim=1)  # (B, 2, h, w)
+        if self.mode == "pixel":
+            tilt = g[:, 0, None, None] * xs[None, None, :] + g[:, 1, None, None] * ys[None, :, None]  # (B, h, w)
+            return torch.stack([logits[:, 0], logits[:, 1] + tilt], dim=1)  # (B, 2, h, w)
+        prob = torch.sigmoid((logits[:, 1] - logits[:, 0]).detach().float())  # (B, h, w) foreground probability
+        candidate = prob > self.CANDIDATE_PROB  # (B, h, w)
+        cx, cy = candidate_box_centres(candidate, xs.float(), ys.float())  # 2 x (B, h, w), fp32 under autocast too
+        g = g.float()
+        tilt = g[:, 0, None, None] * cx + g[:, 1, None, None] * cy  # (B, h, w), constant per region
+        weight = prob * candidate  # (B, h, w)
+        centre = (weight * tilt).sum((1, 2)) / weight.sum((1, 2)).clamp_min(1e-6)  # (B,) mean tilt of the candidates
+        shift = (tilt - centre[:, None, None]) * candidate  # (B, h, w), zero off the candidates
+        return torch.stack([logits[:, 0], logits[:, 1] + shift.to(logits.dtype)], dim=1)  # (B, 2, h, w)
+
+
+@torch.no_grad()
+def candidate_box_centres(candidate: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor):
+    """Bounding-box centres of the 8-connected regions of ``candidate`` (B, h, w) bool.
+
+    xs (w,), ys (h,): the pixel coordinates. Returns cx, cy (B, h, w): inside a region, its box
+    centre; elsewhere the pixel's own coordinates. Each region is labelled with the largest pixel
+    index in it (masked 3x3 max-pooling, until nothing changes), then boxes are reduced per label.
+    """
+    B, h, w = candidate.shape
+    n = h * w
+    inside = candidate[:, None].to(xs.dtype)  # (B, 1, h, w)
+    index = torch.arange(1, n + 1, device=xs.device, dtype=torch.float32).view(1, 1, h, w)  # exact below 2^24
+    label = index * inside.float()  # (B, 1, h, w): own index + 1 on the candidates, 0 elsewhere
+    for step in range(h + w):
+        grown = F.max_pool2d(label, 3, stride=1, padding=1) * inside  # one ring further, inside only
+        if step % 4 == 3 and torch.equal(grown, label):  # settled (checked every 4 rounds: a host sync)
+            break
+        label = grown
+    label = label.long().flatten(1)  # (B, n): region label, 0 off the candidates
+    grid_x = xs[None, :].expand(h, w).reshape(1, n).expand(B, n)  # (B, n)
+    grid_y = ys[:, None].expand(h, w).reshape(1, n).expand(B, n)  # (B, n)
+
+    def centre(grid: torch.Tensor) -> torch.Tensor:  # (B, n) -> (B, h, w)
+        big = torch.finfo(grid.dtype).max
+        hi = torch.full((B, n + 1), -big, dtype=grid.dtype, device=grid.device).scatter_reduce(1, label, grid, "amax")
+        lo = torch.full((B, n + 1), big, dtype=grid.dtype, device=grid.device).scatter_reduce(1, label, grid, "amin")
+        mid = (hi.gather(1, label) + lo.gather(1, label)) / 2  # (B, n)
+        return torch.where(label > 0, mid, grid).view(B, h, w)
+
+    return centre(grid_x), centre(grid_y)
 
 
 class ContextClueRecovery(nn.Module):

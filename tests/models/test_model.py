@@ -305,10 +305,72 @@ def test_location_prior_starts_neutral_and_tilts_the_foreground_by_the_sentence(
     assert torch.allclose(prior(logits, words_padding_changed, mask), out)
 
 
+def test_candidate_box_centres_are_constant_over_each_connected_region():
+    from dmmi.models.decoders import candidate_box_centres
+
+    h, w = 9, 12
+    xs, ys = torch.linspace(-1, 1, w), torch.linspace(-1, 1, h)
+    cand = torch.zeros(2, h, w, dtype=torch.bool)
+    cand[0, 1:4, 1] = True  # an L: column 1 rows 1-3 ...
+    cand[0, 3, 1:6] = True  # ... and row 3 columns 1-5: box x 1-5, y 1-3
+    cand[0, 5, 6] = True  # touches nothing of the L (4 rows / 1 column away)
+    cand[0, 6:9, 7:9] = True  # diagonal neighbour of (5, 6): the same 8-connected region
+    cx, cy = candidate_box_centres(cand, xs, ys)
+    assert torch.allclose(cx[0][cand[0] & (torch.arange(h)[:, None] <= 3)], (xs[1] + xs[5]) / 2)
+    assert torch.allclose(cy[0][cand[0] & (torch.arange(h)[:, None] <= 3)], (ys[1] + ys[3]) / 2)
+    assert torch.allclose(cx[0][5:, :][cand[0][5:, :]], (xs[6] + xs[8]) / 2)
+    assert torch.allclose(cy[0][5:, :][cand[0][5:, :]], (ys[5] + ys[8]) / 2)
+    assert torch.equal(cx[0][~cand[0]], xs.expand(h, w)[~cand[0]])  # elsewhere: the pixel itself
+    assert torch.equal(cx[1], xs.expand(h, w)) and torch.equal(cy[1], ys[:, None].expand(h, w))
+
+
+def test_object_location_prior_raises_the_extreme_candidate_wherever_the_candidates_lie():
+    """mode object: each candidate region moves by g . (its box centre - the candidates' mean), the
+    mean weighted by probability; the same shifts when the pair sits in the left or the right half
+    (a pixel tilt would lower both in the wrong half); background and candidate-free samples stay."""
+    from dmmi.models.decoders import LocationPrior
+
+    h, w = 12, 24
+
+    def scene(dx: int) -> torch.Tensor:
+        logits = torch.full((2, 2, h, w), -3.0)
+        logits[:, 0] = 0.0
+        logits[0, 1, 2:5, 1 + dx:4 + dx] = 2.0  # A: 3 x 3, left of B
+        logits[0, 1, 6:10, 7 + dx:11 + dx] = 2.0  # B: 4 x 4
+        return logits  # sample 1: no candidate
+
+    words, mask = torch.randn(2, 3, 4), torch.ones(2, 3, dtype=torch.long)
+    prior = LocationPrior(4, gain=1.0, mode="object")
+    logits = scene(0)
+    neutral = prior(logits, words, mask)
+    assert torch.equal(neutral, logits)
+    neutral[0, 1, 6:10, 7:11].sum().backward()  # lowering B (right of A) asks for a leftward slope
+    assert prior.slopes.bias.grad[0] > 0 and prior.slopes.bias.grad[1] > 0  # B is also lower than A
+    with torch.no_grad():
+        prior.slopes.bias.copy_(torch.tensor([-5.0, 0.0]))  # "leftmost" for every sentence
+    xs = (torch.arange(w) + 0.5) / w * 2 - 1
+    a_x, b_x = (xs[1] + xs[3]) / 2, (xs[7] + xs[10]) / 2  # box centres
+    mean_x = (9 * a_x + 16 * b_x) / 25  # equal probabilities: weighted by area
+    for dx in (0, 12):  # the pair in the left half, then in the right half
+        logits = scene(dx)
+        gain = prior(logits, words, mask)[0, 1] - logits[0, 1]  # (h, w)
+        assert torch.allclose(gain[2:5, 1 + dx:4 + dx], (-5.0 * (a_x - mean_x)).expand(3, 3), atol=1e-5)
+        assert torch.allclose(gain[6:10, 7 + dx:11 + dx], (-5.0 * (b_x - mean_x)).expand(4, 4), atol=1e-5)
+        assert gain[2, 1 + dx] > 1.5 and gain[6, 7 + dx] < -0.9  # A up, B down, in either half
+        assert torch.equal(gain[logits[0, 1] < 0], torch.zeros(int((logits[0, 1] < 0).sum())))  # background alone
+        assert torch.equal(prior(logits, words, mask)[1], logits[1])
+    with pytest.raises(DmmiError, match="location_prior_mode"):
+        load_config("demo_lite", ["model.location_prior_mode=nearest"])
+    with pytest.raises(DmmiError, match="location_prior_gain"):
+        load_config("demo_lite", ["model.location_prior_gain=0"])
+
+
 def test_location_prior_is_off_in_the_paper_presets_and_reaches_the_logits_when_on():
     assert not any(load_config(p).model.location_prior for p in ("dmmi_swin_b", "dmmi_r101", "dmmi_lite"))
     assert not any(load_config(p).loss.w_empty for p in ("dmmi_swin_b", "dmmi_r101", "dmmi_lite"))
     assert load_config("demo_lite").model.location_prior and load_config("demo_lite").loss.w_empty > 0
+    assert load_config("demo_lite").model.location_prior_mode == "object"
+    assert load_config("dmmi_lite").model.location_prior_mode == "pixel"  # the default, as older checkpoints
     assert build_preset(TINY).location_prior is None
     model = build_preset(TINY, ["model.location_prior=true"]).eval()
     assert not any(k.startswith("location_prior") for k in build_preset(TINY).state_dict())  # parity keys unchanged
