@@ -106,6 +106,20 @@ def test_budget_schedule_decays_over_the_budget_not_the_epochs(synth, tmp_path):
     assert by_budget[-1] == 0.0
 
 
+def test_eval_every_validates_every_nth_epoch_and_when_the_run_ends(synth, tmp_path):
+    def run(out, *extra):
+        result = train(_cfg(synth, tmp_path / out, "data.val_split=val", *extra), progress=False, log=lambda *a: None)
+        recs = [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+        return result.steps, [round(r["epoch"], 2) for r in recs if "val" in r]
+
+    steps, validated = run("every2", "train.epochs=3", "train.eval_every=2")
+    assert validated == [2.0, 3.0]  # every 2nd epoch, and the last one
+    # a budget that ends inside epoch 2 (as demo_lite's 10 minutes, eval_every 20): one validation, at the stop
+    _, validated = run("budget", "train.epochs=20", "train.eval_every=20", f"train.max_steps={steps // 3 + 2}",
+                       "train.log_every=1")
+    assert len(validated) == 1 and 1.0 < validated[0] < 2.0
+
+
 def test_curves_drawn_for_an_ablation_without_auxiliary_losses(synth, tmp_path):
     out = tmp_path / "abl"
     train(_cfg(synth, out, "train.max_steps=2", "train.log_every=1", "data.val_split=null",
