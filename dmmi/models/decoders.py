@@ -203,7 +203,8 @@ def candidate_box_centres(candidate: torch.Tensor, xs: torch.Tensor, ys: torch.T
 
     xs (w,), ys (h,): the pixel coordinates. Returns cx, cy (B, h, w): inside a region, its box
     centre; elsewhere the pixel's own coordinates. Each region is labelled with the largest pixel
-    index in it (masked 3x3 max-pooling, until nothing changes), then boxes are reduced per label.
+    index in it (masked 3x3 max-pooling until nothing changes, at most h + w rounds: enough for
+    any region short of a maze, which would keep a few labels), then boxes are reduced per label.
     """
     B, h, w = candidate.shape
     n = h * w
