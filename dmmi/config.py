@@ -24,6 +24,9 @@ BACKBONES = ("swin_b", "swin_t", "swin", "r101", "effnet_lite0")
 COMPAT_MODES = ("dmmi", "ris-dmmi")
 
 
+LOCATION_PRIOR_MODES = ("pixel", "object")  # dmmi.models.decoders.LocationPrior
+
+
 @dataclass
 class ModelConfig:
     """The network (SPEC §2). ``compat='ris-dmmi'`` reproduces the authors' computation."""
@@ -71,8 +74,9 @@ class ModelConfig:
             raise DmmiError(f"model.backbone_frozen_stages must be 0-4, got {self.backbone_frozen_stages}")
         if not self.location_prior_gain > 0:
             raise DmmiError(f"model.location_prior_gain must be > 0, got {self.location_prior_gain}")
-        if self.location_prior_mode not in ("pixel", "object"):
-            raise DmmiError(f"model.location_prior_mode must be 'pixel' or 'object', got {self.location_prior_mode!r}")
+        if self.location_prior_mode not in LOCATION_PRIOR_MODES:
+            raise DmmiError(f"model.location_prior_mode must be one of {', '.join(LOCATION_PRIOR_MODES)}, "
+                            f"got {self.location_prior_mode!r}")
         if self.text_cache < 0:
             raise DmmiError(f"model.text_cache must be >= 0, got {self.text_cache}")
         if self.text_cache and not self.text_frozen:
@@ -160,6 +164,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise DmmiError("train.epochs, train.batch_size and train.grad_accum must be >= 1")
+        if self.eval_every < 1:
+            raise DmmiError(f"train.eval_every must be >= 1 (epochs), got {self.eval_every}")
         if self.lr <= 0:
             raise DmmiError(f"train.lr must be > 0, got {self.lr}")
         if self.text_lr is not None and self.text_lr <= 0:

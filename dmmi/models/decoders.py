@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from dmmi.config import LOCATION_PRIOR_MODES
 from dmmi.errors import DmmiError
 from dmmi.models.mba import PointwiseConv1d
 
@@ -164,7 +165,7 @@ class LocationPrior(nn.Module):
     forward(logits (B, 2, h, w), words (B, L, Ct), word_mask (B, L)) -> logits (B, 2, h, w)
     """
 
-    MODES = ("pixel", "object")
+    MODES = LOCATION_PRIOR_MODES
     CANDIDATE_PROB = 0.1  # object mode: hesitant maps (two candidates at p = 0.4) must still count
 
     def __init__(self, text_dim: int, gain: float = 10.0, mode: str = "pixel"):
@@ -181,20 +182,25 @@ class LocationPrior(nn.Module):
         m = word_mask[:, :, None].to(words.dtype)  # (B, L, 1)
         pooled = (words * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B, Ct)
         g = (self.gain * self.slopes(pooled)).to(logits.dtype)  # (B, 2)
-        xs = (torch.arange(w, device=logits.device, dtype=logits.dtype) + 0.5) / w * 2 - 1  # (w,)
-        ys = (torch.arange(h, device=logits.device, dtype=logits.dtype) + 0.5) / h * 2 - 1  # (h,)
         if self.mode == "pixel":
+            xs, ys = _centred(w, logits), _centred(h, logits)  # (w,), (h,)
             tilt = g[:, 0, None, None] * xs[None, None, :] + g[:, 1, None, None] * ys[None, :, None]  # (B, h, w)
             return torch.stack([logits[:, 0], logits[:, 1] + tilt], dim=1)  # (B, 2, h, w)
         prob = torch.sigmoid((logits[:, 1] - logits[:, 0]).detach().float())  # (B, h, w) foreground probability
         candidate = prob > self.CANDIDATE_PROB  # (B, h, w)
-        cx, cy = candidate_box_centres(candidate, xs.float(), ys.float())  # 2 x (B, h, w), fp32 under autocast too
+        # box centres in fp32, under bf16 autocast too
+        cx, cy = candidate_box_centres(candidate, _centred(w, prob), _centred(h, prob))  # 2 x (B, h, w)
         g = g.float()
         tilt = g[:, 0, None, None] * cx + g[:, 1, None, None] * cy  # (B, h, w), constant per region
         weight = prob * candidate  # (B, h, w)
         centre = (weight * tilt).sum((1, 2)) / weight.sum((1, 2)).clamp_min(1e-6)  # (B,) mean tilt of the candidates
         shift = (tilt - centre[:, None, None]) * candidate  # (B, h, w), zero off the candidates
         return torch.stack([logits[:, 0], logits[:, 1] + shift.to(logits.dtype)], dim=1)  # (B, 2, h, w)
+
+
+def _centred(n: int, like: torch.Tensor) -> torch.Tensor:
+    """Pixel-centre coordinates in [-1, 1] along a side of n pixels: (n,), ``like``'s dtype and device."""
+    return (torch.arange(n, device=like.device, dtype=like.dtype) + 0.5) / n * 2 - 1
 
 
 @torch.no_grad()
@@ -208,9 +214,9 @@ def candidate_box_centres(candidate: torch.Tensor, xs: torch.Tensor, ys: torch.T
     """
     B, h, w = candidate.shape
     n = h * w
-    inside = candidate[:, None].to(xs.dtype)  # (B, 1, h, w)
+    inside = candidate[:, None].float()  # (B, 1, h, w)
     index = torch.arange(1, n + 1, device=xs.device, dtype=torch.float32).view(1, 1, h, w)  # exact below 2^24
-    label = index * inside.float()  # (B, 1, h, w): own index + 1 on the candidates, 0 elsewhere
+    label = index * inside  # (B, 1, h, w): own index + 1 on the candidates, 0 elsewhere
     for step in range(h + w):
         grown = F.max_pool2d(label, 3, stride=1, padding=1) * inside  # one ring further, inside only
         if step % 4 == 3 and torch.equal(grown, label):  # settled (checked every 4 rounds: a host sync)

@@ -118,6 +118,8 @@ def test_eval_every_validates_every_nth_epoch_and_when_the_run_ends(synth, tmp_p
     _, validated = run("budget", "train.epochs=20", "train.eval_every=20", f"train.max_steps={steps // 3 + 2}",
                        "train.log_every=1")
     assert len(validated) == 1 and 1.0 < validated[0] < 2.0
+    with pytest.raises(DmmiError, match="train.eval_every must be >= 1"):
+        _cfg(synth, tmp_path / "never", "train.eval_every=0")
 
 
 def test_curves_drawn_for_an_ablation_without_auxiliary_losses(synth, tmp_path):
