@@ -120,7 +120,7 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
-    val_from_train: float = 0.0  # > 0: hold out this share of train images as the val split
+    val_from_train: float = 0.0  # > 0 (with val_split null): hold out this share of train images for selection
     all_sentences: bool = False  # train: every sentence as an item (default: one per ref per epoch)
     erase: bool = True  # entity-phrase erasure for the CCR branch
     erase_token: str = "pad"  # pad | mask
@@ -133,6 +133,7 @@ class DataConfig:
             raise DmmiError(f"data.format: unknown format {self.format!r}; choose refzom, refer or grefcoco")
         if not 0.0 <= float(self.val_from_train) < 1.0:
             raise DmmiError(f"data.val_from_train must be in [0, 1), got {self.val_from_train}")
+
         if self.erase_token not in ("pad", "mask"):
             raise DmmiError(f"data.erase_token must be 'pad' or 'mask', got {self.erase_token!r}")
 
@@ -142,12 +143,16 @@ class TrainConfig:
     """Optimisation (SPEC §3)."""
 
     epochs: int = 40
+    # the GLOBAL batch of one optimiser step, split over devices and micro-steps: per device
+    # batch_size / (devices x grad_accum) samples per micro-step (the paper's 8 is 8 on any number of GPUs)
     batch_size: int = 8
     lr: float = 5e-5
+    lr_scaling: str = "none"  # none | linear: lr x batch_size / lr_batch (text_lr too)
+    lr_batch: int = 8  # the global batch train.lr (and text_lr) were chosen for (linear scaling)
     text_lr: Optional[float] = None  # learning rate of the text encoder (None: train.lr)
     weight_decay: float = 0.01
     poly_power: float = 0.9
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-steps per optimiser step (memory: the math stays that of batch_size)
     clip_grad: Optional[float] = None
     max_minutes: Optional[float] = None  # stop after this much training time
     max_steps: Optional[int] = None
@@ -162,8 +167,16 @@ class TrainConfig:
     eval_every: int = 1  # epochs
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
-            raise DmmiError("train.epochs, train.batch_size and train.grad_accum must be >= 1")
+        for name in ("epochs", "batch_size", "grad_accum", "lr_batch"):
+            if getattr(self, name) < 1:
+                raise DmmiError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum:
+            raise DmmiError(f"train.batch_size={self.batch_size} (the global batch) does not split into "
+                            f"train.grad_accum={self.grad_accum} micro-steps: use a multiple of {self.grad_accum}")
+        if self.lr_scaling not in ("none", "linear"):
+            raise DmmiError(f"train.lr_scaling must be 'none' or 'linear', got {self.lr_scaling!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise DmmiError(f"train.max_steps must be >= 1 (or null), got {self.max_steps}")
         if self.eval_every < 1:
             raise DmmiError(f"train.eval_every must be >= 1 (epochs), got {self.eval_every}")
         if self.lr <= 0:

@@ -4,6 +4,13 @@
 
 delta (B,) is 1 for samples that refer to at least one object and 0 for zero-target
 samples; L_sim and L_con ignore delta = 0 samples but still divide by the batch size B.
+
+:func:`dmmi_loss` always computes in fp32: it turns autocast off and upcasts the model's
+outputs (under bf16 autocast a ``v @ e.t() / 0.05`` matmul rounds the contrastive logits to
+steps of 0.06-0.125, and the class weights would be built in bf16). Under DDP every term is
+the loss of this device's micro-batch; DDP averages the gradients over devices (the
+class-weighted L_ce normalisation and L_con's in-batch negatives are per device, as in the
+authors' release).
 """
 
 from __future__ import annotations
@@ -93,19 +100,33 @@ def dmmi_loss(out, target: torch.Tensor, word_mask: torch.Tensor, delta: torch.T
               *, compat: bool = False) -> LossTerms:
     """Total loss from a DMMIOutput. cfg: LossConfig (ce_weights, w_sim, w_con, temperature).
 
-    Terms whose branch did not run (ablations, eval mode) are left out.
+    Terms whose branch did not run (ablations, eval mode) are left out. Computed in fp32
+    whatever the caller's autocast state (the gradients flow back through the casts).
     """
-    ce = segmentation_loss(out.logits, target, cfg.ce_weights)
+    device_type = out.logits.device.type
+    with torch.autocast(device_type=device_type, enabled=False):
+        return _dmmi_loss_fp32(_float(out.logits), _float(out.words_final), _float(out.reconstructed),
+                               _float(out.pooled_visual), _float(out.pooled_text), target, word_mask, delta, cfg,
+                               compat=compat)
+
+
+def _float(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return t if t is None or t.dtype == torch.float32 else t.float()
+
+
+def _dmmi_loss_fp32(logits, words_final, reconstructed, pooled_visual, pooled_text, target, word_mask, delta, cfg,
+                    *, compat: bool) -> LossTerms:
+    ce = segmentation_loss(logits, target, cfg.ce_weights)
     total = ce
     sim = con = None
-    if out.reconstructed is not None:
-        sim = similarity_loss(out.words_final, out.reconstructed, word_mask, delta, compat=compat)
+    if reconstructed is not None:
+        sim = similarity_loss(words_final, reconstructed, word_mask, delta, compat=compat)
         total = total + cfg.w_sim * sim
-    if out.pooled_visual is not None:
-        con = contrastive_loss(out.pooled_visual, out.pooled_text, delta, cfg.temperature)
+    if pooled_visual is not None:
+        con = contrastive_loss(pooled_visual, pooled_text, delta, cfg.temperature)
         total = total + cfg.w_con * con
     empty = None
     if cfg.w_empty:
-        empty = empty_mask_loss(out.logits, delta)
+        empty = empty_mask_loss(logits, delta)
         total = total + cfg.w_empty * empty
     return LossTerms(total=total, ce=ce, sim=sim, con=con, empty=empty)

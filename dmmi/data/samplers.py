@@ -12,6 +12,12 @@ of an evenly spread sequence is evenly spread too, whereas the strided split of
 ``DistributedSampler`` can send every zero to the same rank when the zero period equals
 the rank count.
 
+Training passes ``batch_size`` (the per-device batch n) and ``global_batch`` (G = n x ranks x
+accumulation): the epoch's order is then cut to a multiple of G and dealt out in blocks of n,
+block k to rank k mod W. Global step b then trains on ``order[b*G:(b+1)*G]`` whatever the
+number of ranks and micro-steps, so 2 ranks x n = 2 and 1 rank x n = 4 see the same samples in
+the same steps, and a run resumed on another number of devices continues the same order.
+
 Exact resume: ``state = sampler.state_dict(position=steps_done * batch_size)`` (the default
 position counts indices handed out, which runs ahead of training when DataLoader workers
 prefetch); later ``sampler.load_state_dict(state)`` and the next ``__iter__`` yields the rest
@@ -55,7 +61,8 @@ class ZeroSpreadSampler(Sampler):
     """
 
     def __init__(self, types: Sequence[str], *, num_replicas: Optional[int] = None, rank: Optional[int] = None,
-                 shuffle: bool = True, seed: int = 0, drop_last: bool = False, with_epoch: bool = False):
+                 shuffle: bool = True, seed: int = 0, drop_last: bool = False, with_epoch: bool = False,
+                 batch_size: Optional[int] = None, global_batch: Optional[int] = None):
         if num_replicas is None:
             num_replicas = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         if rank is None:
@@ -68,7 +75,14 @@ class ZeroSpreadSampler(Sampler):
         self.num_replicas, self.rank = int(num_replicas), int(rank)
         self.shuffle, self.seed, self.drop_last, self.with_epoch = shuffle, int(seed), drop_last, with_epoch
         n = len(self.types)
-        if drop_last:
+        self.batch_size = batch_size
+        self.global_batch = global_batch or (batch_size * self.num_replicas if batch_size else None)
+        if batch_size is not None:
+            if batch_size < 1 or self.global_batch % (batch_size * self.num_replicas):
+                raise DmmiError(f"sampler: global batch {self.global_batch} is not a multiple of "
+                                f"{batch_size} per rank x {self.num_replicas} ranks")
+            self.num_samples = n // self.global_batch * self.global_batch // self.num_replicas
+        elif drop_last:
             self.num_samples = n // self.num_replicas
         else:
             self.num_samples = math.ceil(n / self.num_replicas)
@@ -91,6 +105,10 @@ class ZeroSpreadSampler(Sampler):
         order = self.order(epoch)
         if not order:
             return []
+        if self.batch_size is not None:  # blocks of n, block k to rank k mod W (module docstring)
+            n, w = self.batch_size, self.num_replicas
+            usable = len(order) // self.global_batch * self.global_batch
+            return [i for k in range(self.rank, usable // n, w) for i in order[k * n:(k + 1) * n]]
         while len(order) < self.total_size:
             order += order[: self.total_size - len(order)]
         order = order[: self.total_size]
@@ -123,8 +141,10 @@ class ZeroSpreadSampler(Sampler):
                 "drop_last": self.drop_last}
 
     def load_state_dict(self, state: dict) -> None:
-        for key, mine in (("num_items", len(self.types)), ("num_zero", len(self.zero)),
-                          ("num_replicas", self.num_replicas)):
+        checks = [("num_items", len(self.types)), ("num_zero", len(self.zero))]
+        if self.batch_size is None:  # contiguous chunks depend on the rank count (batch blocks do not)
+            checks.append(("num_replicas", self.num_replicas))
+        for key, mine in checks:
             if key in state and state[key] != mine:
                 raise DmmiError(f"sampler state: saved with {key}={state[key]}, this run has {mine}; "
                                 "cannot resume the same order")

@@ -4,6 +4,11 @@ Launched by ``torchrun --nproc_per_node N -m dmmi.cli train ...``, each process 
 WORLD_SIZE and LOCAL_RANK from the environment and joins a process group (NCCL on CUDA,
 gloo on CPU). Without those variables the run is a single process and every helper here is
 a no-op, so the engine calls them unconditionally.
+
+Decisions the ranks must share (skip a batch, stop at a budget, the budget schedule's clock)
+are taken on host numbers through :func:`agree_max` and :func:`gather_objects`. They travel on
+a gloo group beside NCCL's, so agreeing never waits for the GPU (an NCCL all-reduce of a host
+flag would need a device round trip and a host sync every step).
 """
 
 from __future__ import annotations
@@ -94,8 +99,14 @@ def init_distributed(device: str = "auto") -> DistInfo:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
+    global _HOST_GROUP
+    if dist.get_backend() != "gloo" and _HOST_GROUP is None:
+        _HOST_GROUP = dist.new_group(backend="gloo")  # collective: every rank creates it here
     rank, world_size = dist.get_rank(), dist.get_world_size()
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, is_main=rank == 0)
+
+
+_HOST_GROUP = None  # gloo group for host-side agreement when the default group is NCCL (None: the default)
 
 
 def _active() -> bool:
@@ -142,7 +153,29 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def agree_max(values: list[float]) -> list[float]:
+    """Element-wise maximum over ranks of a few host numbers (float64), on the host group: no
+    device sync. Every rank must call it at the same point. Unchanged without a group."""
+    if not _active() or dist.get_world_size() == 1:
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_HOST_GROUP)
+    return t.tolist()
+
+
+def gather_objects(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (picklable host objects, host group);
+    ``[obj]`` without a group."""
+    if not _active() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=_HOST_GROUP)
+    return out
+
+
 def cleanup() -> None:
     """Leave the process group (no-op without one)."""
+    global _HOST_GROUP
     if _active():
         dist.destroy_process_group()
+    _HOST_GROUP = None

@@ -95,7 +95,8 @@ class DMMI(nn.Module):
         if self.training:
             if self.ccr is not None:
                 if erased_words is None:
-                    erased_words = words
+                    raise DmmiError("the CCR branch (model.i2t_decoder) trains on the erased sentence T', but no "
+                                    "erased ids were given: pass erased_ids (data.erase=true) or turn the branch off")
                 out.reconstructed = self.ccr(maps.y8, erased_words, word_pad)
             if self.contrastive is not None:
                 out.pooled_visual, out.pooled_text = self.contrastive(maps, words_final, word_mask)
@@ -109,12 +110,16 @@ class DMMI(nn.Module):
         if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape:
             raise DmmiError(f"input_ids and attention_mask must both be (B, L), got {tuple(input_ids.shape)} "
                             f"and {tuple(attention_mask.shape)}")
-        # eager only: the check reads the mask on the host, a graph break under torch.compile (the
-        # tokenizer and the datasets refuse empty expressions before they get here)
-        if not torch.compiler.is_compiling() and bool((attention_mask.sum(1) == 0).any()):
+        # host tensors only: on a GPU the check would be a device sync every step, under torch.compile a
+        # graph break (the tokenizer and the datasets refuse empty expressions before they get here)
+        if (attention_mask.device.type == "cpu" and not torch.compiler.is_compiling()
+                and bool((attention_mask.sum(1) == 0).any())):
             raise DmmiError("an expression is empty (attention_mask has no token)")
+        if self.training and self.ccr is not None and erased_ids is None:
+            raise DmmiError("the CCR branch (model.i2t_decoder) trains on the erased sentence T', but no erased_ids "
+                            "were given: pass them (data.erase=true) or turn the branch off")
         erased = None
-        if self.training and self.ccr is not None and erased_ids is not None:
+        if self.training and self.ccr is not None:
             # T and T' in one batch (same mask for both, as the authors): one call is cheaper than two
             both = self.text_encoder(torch.cat([input_ids, erased_ids]), torch.cat([attention_mask, attention_mask]))
             words, erased = both.chunk(2)  # 2 x (B, L, Ct)

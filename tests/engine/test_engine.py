@@ -230,9 +230,14 @@ def test_validation_carved_out_of_train(synth, tmp_path):
     assert not val_ds.train and len(val_ds.refs) + len(train_ds.refs) == len(train_ds.data.split("train"))
     again, _ = build_datasets(cfg, load_tokenizer(cfg.model.text_encoder), seed=1)
     assert {r.image_id for r in again.refs} == train_images  # deterministic hold-out
-    result = train(_cfg(synth, tmp_path / "r", "data.val_from_train=0.3", "train.max_steps=2"), progress=False,
-                   log=lambda *a: None)
+    lines = []
+    result = train(_cfg(synth, tmp_path / "r", "data.val_from_train=0.3", "data.val_split=null", "train.max_steps=2"),
+                   progress=False, log=lines.append)
     assert any("val" in r for r in result.history)
+    assert "model selection on 30% of the train images, held out (data.val_from_train=0.3)" in lines
+    with pytest.raises(DmmiError, match="both choose the validation images"):  # never one silently over the other
+        train(_cfg(synth, tmp_path / "both", "data.val_from_train=0.3"), progress=False, log=lambda *a: None)
+    assert not (tmp_path / "both").exists()  # refused before anything is written
 
 
 def test_evaluate_overrides_are_limited_and_typed(synth, tmp_path, capsys):
