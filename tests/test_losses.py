@@ -100,3 +100,45 @@ def test_empty_mask_loss_joins_the_total_only_with_a_weight():
     assert "loss_empty" in terms.as_dict()
     with pytest.raises(DmmiError, match="loss.w_empty must be >= 0, got -1"):
         LossConfig(w_empty=-1)
+
+
+def _bf16_outputs(seed=0, B=6, L=5, C=16):
+    """Model outputs as bf16 autocast leaves them (bf16 tensors), with their targets."""
+    g = torch.Generator().manual_seed(seed)
+    out = DMMIOutput(logits=torch.randn(B, 2, 12, 12, generator=g).bfloat16(),
+                     words_final=torch.randn(B, L, C, generator=g).bfloat16(),
+                     reconstructed=torch.randn(B, L, C, generator=g).bfloat16(),
+                     pooled_visual=torch.randn(B, C, generator=g).bfloat16(),
+                     pooled_text=torch.randn(B, C, generator=g).bfloat16())
+    target = (torch.rand(B, 12, 12, generator=g) > 0.7).long()
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[:, 3:] = 0
+    delta = torch.tensor([1, 1, 0, 1, 1, 1])
+    return out, target, mask, delta
+
+
+def test_dmmi_loss_is_fp32_under_bf16_autocast():
+    """Called inside autocast (as the training step does), every term equals the loss of fp32 copies
+    of the same outputs: the contrastive matmul / 0.05 and the class weights are not rounded to bf16."""
+    out, target, mask, delta = _bf16_outputs()
+    cfg = LossConfig(w_empty=0.05)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = dmmi_loss(out, target, mask, delta, cfg)
+    fp32 = DMMIOutput(**{k: getattr(out, k).float() for k in ("logits", "words_final", "reconstructed",
+                                                              "pooled_visual", "pooled_text")})
+    plain = dmmi_loss(fp32, target, mask, delta, cfg)
+    for key, value in plain.as_dict().items():
+        got = under.as_dict()[key]
+        assert got.dtype == torch.float32, key
+        assert got.item() == pytest.approx(value.item(), rel=1e-6), key
+
+
+def test_dmmi_loss_gradients_reach_bf16_outputs():
+    out, target, mask, delta = _bf16_outputs(seed=1)
+    for name in ("logits", "reconstructed", "pooled_visual", "pooled_text"):
+        getattr(out, name).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dmmi_loss(out, target, mask, delta, LossConfig()).total.backward()
+    for name in ("logits", "reconstructed", "pooled_visual", "pooled_text"):
+        grad = getattr(out, name).grad
+        assert grad is not None and grad.dtype == torch.bfloat16 and grad.abs().sum() > 0, name

@@ -151,3 +151,31 @@ def test_with_epoch_yields_pairs():
 def test_bad_rank():
     with pytest.raises(DmmiError, match="rank 2"):
         ZeroSpreadSampler(["one"], num_replicas=2, rank=2)
+
+
+def test_global_batches_are_the_same_on_any_number_of_ranks():
+    """batch_size + global_batch: step b trains on order[b*G:(b+1)*G] whether 1 rank takes 4, 2 ranks
+    take 2 each, or 2 ranks take 1 in each of 2 micro-steps; the tail that fills no global batch is
+    left out on every rank."""
+    types = ["zero" if i % 5 == 0 else "one" for i in range(23)]
+    one = list(ZeroSpreadSampler(types, num_replicas=1, rank=0, seed=3, batch_size=4))
+    assert len(one) == 20
+    two = [list(ZeroSpreadSampler(types, num_replicas=2, rank=r, seed=3, batch_size=2)) for r in range(2)]
+    accum = [list(ZeroSpreadSampler(types, num_replicas=2, rank=r, seed=3, batch_size=1, global_batch=4))
+             for r in range(2)]
+    for b in range(5):
+        step = set(one[4 * b:4 * b + 4])
+        assert set(two[0][2 * b:2 * b + 2]) | set(two[1][2 * b:2 * b + 2]) == step
+        assert set(accum[0][2 * b:2 * b + 2]) | set(accum[1][2 * b:2 * b + 2]) == step
+    with pytest.raises(DmmiError, match="global batch 6 is not a multiple of 2 per rank x 2 ranks"):
+        ZeroSpreadSampler(types, num_replicas=2, rank=0, batch_size=2, global_batch=6)
+
+
+def test_batch_blocks_resume_on_another_rank_count():
+    """Positions of batch blocks do not depend on the rank count: a state saved by one layout loads in another."""
+    types = ["one"] * 16
+    s = ZeroSpreadSampler(types, num_replicas=2, rank=0, seed=1, batch_size=2)
+    state = s.state_dict(position=4)
+    t = ZeroSpreadSampler(types, num_replicas=1, rank=0, seed=1, batch_size=4)
+    t.load_state_dict(dict(state, position=8))
+    assert list(t) == list(ZeroSpreadSampler(types, num_replicas=1, rank=0, seed=1, batch_size=4))[8:]

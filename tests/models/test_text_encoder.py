@@ -82,3 +82,18 @@ def test_text_cache_needs_a_frozen_encoder():
         load_config("dmmi_tiny", ["model.text_frozen=true", "model.text_cache=-1"])
     assert load_config("demo_lite").model.text_cache > 0
     assert not any(load_config(p).model.text_cache for p in ("dmmi_swin_b", "dmmi_r101", "dmmi_lite"))
+
+
+def test_ready_mask_gives_the_features_of_the_plain_mask(encoders):
+    """The encoder hands BERT a ready (B, 1, 1, L) mask (no ``mask.all()`` host check per call): the
+    word features are those of transformers' own 2-D mask handling, padded rows included."""
+    _, plain = encoders
+    from dmmi.models import text_encoder
+
+    ids, mask = _ids([[101, 1996, 2417, 4418, 2006, 1996, 2187, 102], [101, 1037, 2732, 102]])
+    expected = (2, 1, 1, 8) if text_encoder._READY_MASKS else (2, 8)
+    assert tuple(plain._ready_mask(mask).shape) == expected
+    with torch.no_grad():
+        ours = plain(ids, mask)
+        theirs = plain.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
