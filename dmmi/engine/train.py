@@ -343,6 +343,9 @@ class Trainer:
                  f"{tc.epochs} epochs on {self.device} x {self.info.world_size}"
                  + (f", budget {tc.max_minutes:g} min" if tc.max_minutes else ""))
         self.log(f"{self.plan.describe()}; {self.lr_note}")
+        if self.cfg.model.contrastive and self.plan.per_device < 2:
+            self.log("model.contrastive: 1 sample per device and micro-step leaves L_con no negatives (it is 0); "
+                     "raise train.batch_size (train.lr_scaling=linear) or use fewer devices")
         self.log(selection_note(self.cfg))
 
     def _train_epoch(self, epoch: int) -> bool:

@@ -177,3 +177,15 @@ def test_training_steps_make_no_host_sync(synth, tmp_path):
     torch.cuda.synchronize()
     assert trainer.state.global_step == 4
     assert all(torch.isfinite(p).all() for p in trainer.core.parameters())
+
+
+def test_the_ccr_branch_refuses_to_train_without_erased_ids():
+    """It used to compare the sentence with itself (L_sim of T against T) without a word."""
+    from dmmi.models import build_model
+
+    model = build_model(load_config("dmmi_tiny").model).train()
+    ids = torch.full((2, 20), 101)
+    mask = torch.ones(2, 20, dtype=torch.long)
+    with pytest.raises(DmmiError, match="the CCR branch .* no erased_ids were given"):
+        model(torch.randn(2, 3, 64, 64), ids, mask)
+    assert model.eval()(torch.randn(2, 3, 64, 64), ids, mask).logits.shape == (2, 2, 64, 64)  # inference needs none
