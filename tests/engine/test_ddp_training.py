@@ -57,13 +57,35 @@ def _rank_main(rank, world, port, overrides, out, resume, frozen_bn, fault):
         freeze_batch_norm()
     if fault is not None:
         _corrupt_for_rank(rank, fault)
+    syncs = _count_gradient_syncs() if world > 1 else []
     from dmmi.engine.train import train
 
     lines: list[str] = []
     result = train(load_config("dmmi_tiny", overrides), resume=resume, progress=False, log=lines.append)
     torch.save({k: v.detach().clone() for k, v in result.model.state_dict().items()}, f"{out}/weights{rank}.pt")
     Path(f"{out}/result{rank}.json").write_text(json.dumps({"steps": result.steps, "skipped": result.skipped,
-                                                            "log": lines}))
+                                                            "log": lines, "gradient_syncs": len(syncs)}))
+
+
+def _count_gradient_syncs() -> list:
+    """Every DDP model made in this process counts its gradient all-reduces (one per bucket)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.nn.parallel import DistributedDataParallel
+
+    calls: list = []
+    init = DistributedDataParallel.__init__
+
+    def counting_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+
+        def hook(state, bucket):
+            calls.append(1)
+            return allreduce_hook(state, bucket)
+
+        self.register_comm_hook(None, hook)
+
+    DistributedDataParallel.__init__ = counting_init
+    return calls
 
 
 def _corrupt_for_rank(rank, fault):
@@ -199,6 +221,11 @@ def test_two_processes_equal_one_process_with_the_global_batch(synth, tmp_path):
     config = _cfg(synth, tmp_path / "one", *common)
     assert max_output_diff(one[0], two[0], config) < 1e-5
     assert max_output_diff(one[0], two[1], config) < 1e-5
+    # 2 processes x 1 sample x 2 micro-steps: the same model, with the gradients all-reduced once per step
+    accum, accum_results = run_ranks(2, _cfg(synth, tmp_path / "acc", *common, "train.grad_accum=2"),
+                                     tmp_path / "acc", frozen_bn=True)
+    assert max_output_diff(one[0], accum[0], config) < 1e-5
+    assert accum_results[0]["gradient_syncs"] == results[0]["gradient_syncs"] > 0  # no_sync on the first micro-step
     # the same check sees a different split of the samples: one process trained on batch 2 for 3 steps
     other, _ = run_ranks(1, _cfg(synth, tmp_path / "b2", *common, "train.batch_size=2"), tmp_path / "b2",
                          frozen_bn=True)
