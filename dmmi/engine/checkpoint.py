@@ -66,8 +66,11 @@ def _fsync_dir(folder: Path) -> None:
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, rename it to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise DmmiError(f"cannot write {path}: {e.strerror or e}") from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -75,10 +78,20 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, a quota, a read-only mount: one line, the old file kept
+        tmp.unlink(missing_ok=True)
+        raise DmmiError(f"cannot write {path}: {e.strerror or e} (the previous {path.name}, if any, is unchanged)") \
+            from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def temporary_files(folder: Path) -> list[Path]:
+    """The temporary files :func:`atomic_write` leaves in ``folder`` when its process is killed
+    (``kill -9``) mid-write: ``.<name>.<random>.tmp``."""
+    return sorted(p for p in Path(folder).glob(".*.tmp") if p.is_file())
 
 
 def save_checkpoint(

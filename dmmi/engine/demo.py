@@ -46,6 +46,14 @@ def ensure_synthetic(data_dir: Optional[str | Path] = None, log=print, progress:
     return data_dir
 
 
+def _next_free(out: Path) -> Path:
+    """``runs/demo`` -> the first of ``runs/demo-2``, ``runs/demo-3``, ... that is missing or empty."""
+    n = 2
+    while (out.with_name(f"{out.name}-{n}")).is_dir() and any(out.with_name(f"{out.name}-{n}").iterdir()):
+        n += 1
+    return out.with_name(f"{out.name}-{n}")
+
+
 def run_demo(*, minutes: Optional[float] = None, checkpoint: Optional[str] = None, out_dir: str = "runs/demo",
              data_dir: Optional[str] = None, preset: str = "demo_lite", overrides=(), progress: bool = True,
              log=print) -> dict:
@@ -56,6 +64,9 @@ def run_demo(*, minutes: Optional[float] = None, checkpoint: Optional[str] = Non
 
     t0 = time.time()
     out = Path(out_dir)
+    if checkpoint is None and out.is_dir() and any(out.iterdir()):
+        out = _next_free(out)  # an earlier demo run is kept, never replaced
+        log(f"{out_dir} holds an earlier run (kept): this one goes to {out}")
     data = ensure_synthetic(data_dir, log=log, progress=progress)
     sets = [f"data.root={data}", f"train.output_dir={out}", *overrides]
     if minutes is not None:

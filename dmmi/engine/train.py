@@ -21,6 +21,8 @@ import json
 import math
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +60,7 @@ class TrainResult:
     history: list = field(default_factory=list)
     skipped: int = 0  # bad samples over all ranks
     model: Optional[torch.nn.Module] = field(default=None, repr=False)  # the trained model (unwrapped, this rank's)
+    interrupted: Optional[str] = None  # "SIGTERM" / "SIGINT" when a signal stopped the run (last.pt is saved)
 
 
 def seed_everything(seed: int) -> None:
@@ -83,6 +86,18 @@ class MetricsLog:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def keep_until(self, step: int) -> int:
+        """On resume: drop the records of steps after ``step`` (logged by a run killed after its last
+        checkpoint; the resumed run logs them again), rewriting the file atomically. -> records dropped."""
+        if not self.path.is_file():
+            return 0
+        records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [r for r in records if int(r.get("step", 0)) <= step]
+        self.records = kept
+        if self.enabled and len(kept) != len(records):
+            ckpt.atomic_write(self.path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in kept)))
+        return len(records) - len(kept)
 
 
 def _tensorboard(output_dir: Path, enabled: bool):
@@ -176,13 +191,65 @@ class RunState:
     seconds_before: float = 0.0  # training seconds of earlier segments of a resumed run
 
 
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")
+
+
+def check_output_dir(output_dir: str | Path, resume: Optional[str]) -> Optional[str]:
+    """Decide, before anything is written, what a run may do with ``train.output_dir``.
+
+    -> the checkpoint to resume from (None: a new run). A new run needs an empty or new folder
+    (a folder that holds a run is never replaced or mixed); ``resume="auto"`` continues from the
+    folder's ``last.pt`` when there is one and starts a new run in an empty folder. Temporary
+    files of a write that was killed do not count (they are removed when the run starts).
+    """
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise DmmiError(f"train.output_dir {out} is a file, not a folder")
+    parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise DmmiError(f"train.output_dir {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DmmiError(f"train.output_dir {out}: {parent} is not writable")
+    stale = set(ckpt.temporary_files(out)) if out.is_dir() else set()
+    held = sorted(p.name for p in out.iterdir() if p not in stale) if out.is_dir() else []
+    if resume == "auto":
+        if (out / "last.pt").is_file():
+            return str(out / "last.pt")
+        if not held:
+            return None
+        raise DmmiError(f"--resume auto: {out} holds no last.pt but is not empty ({', '.join(held[:4])}); "
+                        "choose another train.output_dir")
+    if resume:
+        return resume
+    if held:
+        what = ", ".join(n for n in held if n in RUN_FILES) or ", ".join(held[:4])
+        raise DmmiError(f"train.output_dir {out} already holds a run ({what}): continue it with --resume auto, "
+                        "or choose another train.output_dir (nothing was changed)")
+    return None
+
+
 def train(cfg: Config, *, resume: Optional[str] = None, progress: bool = True, log=print) -> TrainResult:
-    """Train ``cfg`` (see the module docstring). Returns where everything was written."""
+    """Train ``cfg`` (see the module docstring). Returns where everything was written.
+
+    ``resume``: a ``last.pt``, or ``"auto"`` (the output folder's ``last.pt`` if there is one).
+    SIGTERM / SIGINT stop the run at the next step boundary with ``last.pt`` saved
+    (``result.interrupted`` names the signal)."""
     info: DistInfo = init_distributed(cfg.train.device)
     try:
+        decision = None
+        if info.is_main:
+            try:
+                decision = ("ok", check_output_dir(cfg.train.output_dir, resume))
+            except DmmiError as e:
+                decision = ("error", str(e))
+        kind, value = gather_objects(decision)[0]  # every rank follows rank 0's reading of the folder
+        if kind == "error":
+            raise DmmiError(value)
         trainer = Trainer(cfg, info, progress=progress, log=log)
-        if resume:
-            trainer.resume(resume)
+        if value:
+            trainer.resume(value)
+        elif resume == "auto" and info.is_main:
+            log(f"--resume auto: no last.pt in {cfg.train.output_dir}: a new run")
         return trainer.run()
     finally:
         cleanup()
@@ -218,8 +285,12 @@ class Trainer:
         self.state = RunState()
         self.skips, self.dropped, self.skipped_steps = SkipReport(), 0, 0
         self.running: dict = {}
+        self.signal: Optional[str] = None  # set by SIGTERM / SIGINT, acted on at the next step boundary
+        self.interrupted: Optional[str] = None
         if info.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            for tmp in ckpt.temporary_files(self.out_dir):  # left by a process killed mid-write
+                tmp.unlink(missing_ok=True)
             cfg.save(self.out_dir / "config.yaml")
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", info.is_main)
         self.tb = _tensorboard(self.out_dir, info.is_main)
@@ -317,23 +388,48 @@ class Trainer:
                          f"{self.info.world_size} device(s) with global batch {self.plan.global_batch}: it continues "
                          f"from step {self.state.global_step}, but not bit-exactly (new random streams per device"
                          f"{'' if saved_batch == self.plan.global_batch else ', another data order'})")
+        dropped = self.metrics.keep_until(self.state.global_step)  # each step once in metrics.jsonl
         if self.info.is_main:
             self.log(f"resumed from {path}: epoch {self.state.epoch}, step {self.state.step_in_epoch} of the epoch, "
-                     f"step {self.state.global_step} in all")
+                     f"step {self.state.global_step} in all"
+                     + (f" ({dropped} metrics records after that step dropped: they are logged again)" if dropped
+                        else ""))
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> TrainResult:
         self._announce()
         self._t_segment = time.time()
-        stopped = False
-        for epoch in range(self.state.epoch, self.tc.epochs):
-            if epoch != self.state.epoch:
-                self.state.epoch, self.state.step_in_epoch = epoch, 0
-            stopped = self._train_epoch(epoch)
-            self._end_epoch(epoch, stopped)
-            if stopped:
-                break
+        with self._signals_stop_at_a_step_boundary():
+            for epoch in range(self.state.epoch, self.tc.epochs):
+                if epoch != self.state.epoch:
+                    self.state.epoch, self.state.step_in_epoch = epoch, 0
+                stopped = self._train_epoch(epoch)
+                self._end_epoch(epoch, stopped)
+                if stopped:
+                    break
         return self._finish()
+
+    @contextlib.contextmanager
+    def _signals_stop_at_a_step_boundary(self):
+        """SIGTERM (a cluster's pre-emption) and SIGINT (Ctrl+C) set a flag: the ranks agree on it at
+        the next step, save last.pt and stop. A second signal gets the default behaviour."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {}
+
+        def handler(signum, frame):
+            self.signal = signal.Signals(signum).name
+            for sig, old in previous.items():  # a second Ctrl+C / SIGTERM is not caught
+                signal.signal(sig, old)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
 
     def _announce(self) -> None:
         if not self.info.is_main:
@@ -362,7 +458,10 @@ class Trainer:
         try:
             while state.step_in_epoch < self.steps_per_epoch:
                 group = [next(micro_batches) for _ in range(plan.accumulation)]
-                ok, self.clock = self._agree(group)
+                ok, self.clock, signalled = self._agree(group)
+                if signalled:
+                    self.interrupted = self.signal or "a signal to another rank"
+                    return True
                 if self.clock > self.budget_s:
                     return True
                 stepped = self.step(group, ok)
@@ -386,11 +485,12 @@ class Trainer:
         return tqdm(total=self.steps_per_epoch, initial=self.state.step_in_epoch,
                     desc=f"epoch {epoch + 1}/{self.tc.epochs}", dynamic_ncols=True, leave=False)
 
-    def _agree(self, group: list[dict]) -> tuple[list[bool], float]:
-        """One host-side agreement per step: which micro-batches every rank could fill, and the clock."""
+    def _agree(self, group: list[dict]) -> tuple[list[bool], float, bool]:
+        """One host-side agreement per step: which micro-batches every rank could fill, the clock, and
+        whether any rank was sent SIGTERM / SIGINT."""
         empty = [1.0 if b["index"].numel() == 0 else 0.0 for b in group]
-        *flags, clock = agree_max(empty + [self.elapsed()])
-        return [f == 0.0 for f in flags], clock
+        *flags, clock, signalled = agree_max(empty + [self.elapsed(), 1.0 if self.signal else 0.0])
+        return [f == 0.0 for f in flags], clock, signalled > 0
 
     def step(self, group: list[dict], ok: list[bool]) -> bool:
         """One optimiser step over the micro-batches of ``group`` that every rank could fill (``ok``):
@@ -446,7 +546,8 @@ class Trainer:
     # ------------------------------------------------------------------ validation + checkpoints
     def _end_epoch(self, epoch: int, stopped: bool) -> None:
         tc = self.tc
-        if self.val_loader is not None and ((epoch + 1) % tc.eval_every == 0 or stopped or epoch + 1 == tc.epochs):
+        due = (epoch + 1) % tc.eval_every == 0 or stopped or epoch + 1 == tc.epochs
+        if self.val_loader is not None and due and not self.interrupted:  # interrupted: save and go
             self._validate(epoch)
         if self.state.step_in_epoch >= self.steps_per_epoch:
             self.state.epoch, self.state.step_in_epoch = epoch + 1, 0
@@ -488,7 +589,7 @@ class Trainer:
     def _finish(self) -> TrainResult:
         barrier()
         info, state = self.info, self.state
-        if info.is_main and not self.best_path.exists():
+        if info.is_main and not self.best_path.exists() and not self.interrupted:
             save_model_file(self.best_path, self.core, self.cfg,
                             extra={"step": state.global_step, "note": "no model selection: last model"})
         if info.is_main and self.metrics.records:
@@ -502,7 +603,7 @@ class Trainer:
                            last_path=self.last_path, best_score=state.best, steps=state.global_step,
                            epochs_done=state.epoch + state.step_in_epoch / self.steps_per_epoch,
                            minutes=(time.time() - self.t_start) / 60, history=self.metrics.records,
-                           skipped=count, model=self.core)
+                           skipped=count, model=self.core, interrupted=self.interrupted)
 
     def _gather_skips(self) -> tuple[int, int, list[str]]:
         """Bad samples and dropped good ones over all ranks, and the first reasons."""

@@ -83,6 +83,10 @@ def load_model_file(path: str | Path, *, expect_preset: Optional[str] = None, ma
     from dmmi.models import build_model
 
     state, cfg_dict = read_model_file(path)
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DmmiError(f"{path}: the file holds no model weights (its 'model' entry is empty or not a state dict)")
+    if not isinstance(cfg_dict, dict):
+        raise DmmiError(f"{path}: the file holds no config (its 'config' entry is not a mapping)")
     cfg = Config.from_dict(cfg_dict, source=str(path))
     if expect_preset and cfg.preset != expect_preset:
         raise DmmiError(f"{path}: checkpoint of preset {cfg.preset!r}, but {expect_preset!r} was asked for")
