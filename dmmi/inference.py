@@ -4,6 +4,16 @@
     result = predictor.predict("photo.jpg", "the two dogs on the left")
     result.mask          # (H, W) bool at the image's own size
     result.no_target     # True when the expression refers to nothing in the image
+    for result in predictor.iter_predict("photo.jpg", many_expressions):  # one mask at a time
+        ...
+
+Memory does not grow with the number of expressions: the model sees at most
+``expressions_per_call`` of them per forward, and the upsampling to the image's size runs one
+expression at a time, keeping only its (H, W) bool mask. ``predict`` returns every mask (one
+byte per pixel each); ``iter_predict`` yields them one by one. Images go through
+:func:`dmmi.data.images.load_image` (any mode to RGB, the ``max_pixels`` cap; files and bytes are
+turned upright by their EXIF orientation, a PIL image is taken as its pixels are, so that the
+mask lines up with it).
 
 Only the inference path runs: the erased sentence, the CCR branch and the contrastive head
 cost nothing here.
@@ -13,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -21,13 +31,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dmmi.data.tokenize import encode, load_tokenizer
-from dmmi.data.transforms import image_to_tensor, load_image
+from dmmi.data.images import DEFAULT_MAX_PIXELS, check_max_pixels, check_size, load_image
+from dmmi.data.transforms import image_to_tensor
 from dmmi.engine.distributed import resolve_device
 from dmmi.engine.fastpath import autocast
 from dmmi.errors import DmmiError
 from dmmi.models.io import load_model_file
 
-ImageLike = Union[str, Path, Image.Image, np.ndarray]
+ImageLike = Union[str, Path, bytes, Image.Image, np.ndarray]
+EXPRESSIONS_PER_CALL = 8  # expressions per model forward
 
 
 @dataclass
@@ -45,10 +57,21 @@ class Prediction:
 
 
 class Predictor:
-    """Holds a model in eval mode, its tokenizer and its preprocessing."""
+    """Holds a model in eval mode, its tokenizer and its preprocessing.
 
-    def __init__(self, model, cfg, *, device: str | torch.device = "auto", fast: bool = True, tokenizer=None):
-        self.device = resolve_device(device) if isinstance(device, str) else device
+    ``max_pixels``: the largest image accepted (width x height, None: no cap), refused before
+    decoding; ``expressions_per_call``: expressions per model forward.
+    """
+
+    def __init__(self, model, cfg, *, device: str | torch.device = "auto", fast: bool = True, tokenizer=None,
+                 max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, expressions_per_call: int = EXPRESSIONS_PER_CALL):
+        self.max_pixels = check_max_pixels(max_pixels)
+        if isinstance(expressions_per_call, bool) or not isinstance(expressions_per_call, int) \
+                or expressions_per_call < 1:
+            raise DmmiError(f"expressions_per_call must be a whole number >= 1, got {expressions_per_call!r}")
+        self.expressions_per_call = expressions_per_call
+        self.device = resolve_device(device, option="device", fix="device='cpu'") if isinstance(device, str) \
+            else device
         self.model = model.to(self.device).eval()
         self.cfg = cfg
         self.fast = fast
@@ -57,37 +80,64 @@ class Predictor:
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model.text_encoder)
 
     @classmethod
-    def load(cls, checkpoint: str | Path, *, device: str = "auto", fast: bool = True, tokenizer=None,
-             expect_preset: Optional[str] = None) -> "Predictor":
+    def load(cls, checkpoint: str | Path, *, device: str | torch.device = "auto", fast: bool = True, tokenizer=None,
+             expect_preset: Optional[str] = None, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+             expressions_per_call: int = EXPRESSIONS_PER_CALL) -> "Predictor":
         model, cfg = load_model_file(checkpoint, expect_preset=expect_preset)
-        return cls(model, cfg, device=device, fast=fast, tokenizer=tokenizer)
+        return cls(model, cfg, device=device, fast=fast, tokenizer=tokenizer, max_pixels=max_pixels,
+                   expressions_per_call=expressions_per_call)
 
     def _image(self, image: ImageLike) -> Image.Image:
-        if isinstance(image, (str, Path)):
-            return load_image(image)
         if isinstance(image, np.ndarray):
             if image.ndim != 3 or image.shape[2] != 3:
                 raise DmmiError(f"image array must be (H, W, 3), got {image.shape}")
+            check_size(image.shape[1], image.shape[0], self.max_pixels, "the image array")
             return Image.fromarray(image.astype(np.uint8))
-        if isinstance(image, Image.Image):
-            return image.convert("RGB")
+        if isinstance(image, Image.Image):  # its pixels as given (no EXIF turn): the mask lines up with them
+            return load_image(image, max_pixels=self.max_pixels, exif=False)
+        if isinstance(image, (str, Path, bytes, bytearray, memoryview)):  # files: turned upright by EXIF
+            return load_image(image, max_pixels=self.max_pixels)
         raise DmmiError(f"not an image: {type(image).__name__} (give a path, a PIL image or an (H, W, 3) array)")
 
     @torch.no_grad()
     def predict(self, image: ImageLike, text: str | Sequence[str]) -> Prediction | list[Prediction]:
         """One image and one expression -> Prediction; a list of expressions -> a list."""
-        texts = [text] if isinstance(text, str) else list(text)
+        out = list(self.iter_predict(image, [text] if isinstance(text, str) else text))
+        return out[0] if isinstance(text, str) else out
+
+    def iter_predict(self, image: ImageLike, texts: Sequence[str]) -> Iterator[Prediction]:
+        """Yield one Prediction per expression, in order, holding one full-size mask at a time.
+
+        Every expression is tokenized (an empty one: DmmiError) and the image loaded before the
+        first forward; the masks are the same however the expressions are grouped per forward.
+        """
+        texts = list(texts)
         if not texts:
             raise DmmiError("no expression given")
         pil = self._image(image)
         width, height = pil.size
-        x = image_to_tensor(pil, self.size)[None].to(self.device)  # (1, 3, S, S)
         encoded = [encode(self.tokenizer, t, self.max_tokens) for t in texts]  # empty text -> DmmiError
-        ids = torch.tensor([e.input_ids for e in encoded], device=self.device)
-        mask = torch.tensor([e.attention_mask for e in encoded], device=self.device)
-        with autocast(self.device, self.fast):
-            logits = self.model(x.expand(len(texts), -1, -1, -1), ids, mask).logits  # (T, 2, S, S)
-        logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
-        masks = logits.argmax(1).bool().cpu().numpy()  # (T, H, W)
-        out = [Prediction(text=t, mask=m, foreground=float(m.mean())) for t, m in zip(texts, masks)]
-        return out[0] if isinstance(text, str) else out
+        x = image_to_tensor(pil, self.size)[None].to(self.device)  # (1, 3, S, S)
+        del pil
+        return self._masks(x, texts, encoded, (height, width))
+
+    @torch.no_grad()
+    def _masks(self, x: torch.Tensor, texts: list[str], encoded: list,
+               size_hw: tuple[int, int]) -> Iterator[Prediction]:
+        """x (1, 3, S, S) -> Predictions at size_hw, ``expressions_per_call`` expressions per forward."""
+        for start in range(0, len(texts), self.expressions_per_call):
+            chunk = encoded[start:start + self.expressions_per_call]
+            ids = torch.tensor([e.input_ids for e in chunk], device=self.device)  # (n, L)
+            mask = torch.tensor([e.attention_mask for e in chunk], device=self.device)  # (n, L)
+            with autocast(self.device, self.fast):
+                logits = self.model(x.expand(len(chunk), -1, -1, -1), ids, mask).logits  # (n, 2, S, S)
+            for j in range(len(chunk)):
+                up = F.interpolate(logits[j:j + 1].float(), size=size_hw, mode="bilinear",
+                                   align_corners=False)[0]  # (2, H, W)
+                background, referred = up[0], up[1]
+                # == up.argmax(0) == 1, NaN counted as the maximum as argmax does, without an int64 (H, W)
+                m = (referred > background) | (referred.isnan() & ~background.isnan())
+                del up, background, referred
+                m = m.cpu().numpy()  # (H, W) bool
+                yield Prediction(text=texts[start + j], mask=m, foreground=np.count_nonzero(m) / m.size)
+            del logits

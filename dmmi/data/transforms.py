@@ -9,14 +9,13 @@ the same person; flip the text *before* tokenizing it.
 from __future__ import annotations
 
 import re
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from dmmi.errors import DmmiError
+from dmmi.data import images
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -41,18 +40,14 @@ def flip_sentence(sentence: str) -> str:
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open an image file as RGB; a missing, corrupt or non-image file raises DmmiError."""
-    path = Path(path)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                im.load()  # decode now: truncated files fail here, not later
-                return im.convert("RGB")
-    except FileNotFoundError:
-        raise DmmiError(f"image file not found: {path}") from None
-    except Exception as e:  # UnidentifiedImageError, OSError (truncated), SyntaxError, ValueError...
-        raise DmmiError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+    """Open a dataset image file as RGB; a missing, corrupt or non-image file raises DmmiError.
+
+    :func:`dmmi.data.images.load_image` without a pixel cap and without the EXIF turn: dataset
+    masks (instances.json) are drawn on the pixels as stored, and their size is checked against
+    the file's. 8-bit images without transparency come out exactly as ``Image.convert("RGB")``
+    makes them.
+    """
+    return images.load_image(path, max_pixels=None, exif=False)
 
 
 def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:

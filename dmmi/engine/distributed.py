@@ -37,25 +37,27 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda if available else cpu; 'cpu'; 'cuda' / 'cuda:N' (checked to exist)."""
+def resolve_device(name: str, *, option: str = "train.device", fix: str = "--set train.device=cpu") -> torch.device:
+    """'auto' -> cuda if available else cpu; 'cpu'; 'cuda' / 'cuda:N' (checked to exist).
+
+    ``option`` names the setting in error messages and ``fix`` is the hint to run on CPU
+    (``dmmi predict`` / ``serve``: ``option="--device", fix="--device cpu"``).
+    """
     name = str(name).strip().lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise DmmiError(f"train.device: unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+        raise DmmiError(f"{option}: unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cpu":
         return device
     if device.type != "cuda":
-        raise DmmiError(f"train.device: unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
+        raise DmmiError(f"{option}: unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
     if not torch.cuda.is_available():
-        raise DmmiError(
-            f"CUDA was requested (train.device={name}) but no CUDA device is available; use --set train.device=cpu"
-        )
+        raise DmmiError(f"CUDA was requested ({option}={name}) but no CUDA device is available; use {fix}")
     if device.index is not None and device.index >= torch.cuda.device_count():
-        raise DmmiError(f"train.device={name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        raise DmmiError(f"{option}={name}: only {torch.cuda.device_count()} CUDA device(s) visible")
     return device
 
 
