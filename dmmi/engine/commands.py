@@ -42,9 +42,12 @@ def register(subparsers) -> None:
     p.add_argument("image", help="an image file or a folder of images")
     p.add_argument("expressions", nargs="+", help="one or more English expressions")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", default="predictions", metavar="DIR")
+    p.add_argument("--out", default="predictions", metavar="DIR",
+                   help="output folder: <image file name>__<NN>_<expression>_mask.png / _overlay.png")
     p.add_argument("--device", default="auto")
     p.add_argument("--reference", action="store_true", help="fp32 reference mode instead of the fast mode")
+    p.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                   help="refuse images larger than N pixels (width x height; default 40 million)")
     p.set_defaults(func=cmd_predict)
 
     p = subparsers.add_parser("demo", help="the whole system on the embedded synthetic dataset (CPU, offline)")
@@ -94,13 +97,16 @@ def cmd_evaluate(args) -> int:
 
 
 def _images(path: Path) -> list[Path]:
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise DmmiError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {path}")
-        return files
-    if not path.exists():
-        raise DmmiError(f"image file not found: {path}")
+    try:
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not files:
+                raise DmmiError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {path}")
+            return files
+        if not path.exists():
+            raise DmmiError(f"image file not found: {path}")
+    except OSError as e:
+        raise DmmiError(f"cannot look at {path}: {e.strerror or e}") from None
     return [path]
 
 
@@ -109,33 +115,79 @@ def _slug(text: str) -> str:
     return "_".join(filter(None, keep.split("_")))[:60] or "expression"
 
 
+def _output_stem(path: Path, index: int, text: str) -> str:
+    """'<image file name>__<NN>_<slug>': the whole name, so x.png and x.jpg never share outputs.
+
+    A file name over 120 bytes is cut, with 8 hex digits of its hash, to stay under 255 bytes.
+    """
+    name = path.name
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) > 120:
+        import hashlib
+
+        name = f"{raw[:100].decode('utf-8', 'ignore')}~{hashlib.sha1(raw).hexdigest()[:8]}{path.suffix[:10]}"
+    return f"{name}__{index:02d}_{_slug(text)}"
+
+
+def _check_writable(out: Path) -> None:
+    """One-line DmmiError unless ``out`` is, or can be made, a folder to write in (creates nothing)."""
+    import os
+    import tempfile
+
+    try:
+        probe = out
+        while not probe.exists() and probe.parent != probe:  # the nearest part that exists
+            probe = probe.parent
+        if not probe.is_dir():
+            raise DmmiError(f"--out {out}: {'it' if probe == out else probe} is not a folder")
+        fd, tmp = tempfile.mkstemp(prefix=".dmmi-write-test-", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise DmmiError(f"--out {out}: cannot write in {probe} ({e.strerror or e})") from None
+
+
 def cmd_predict(args) -> int:
-    from dmmi.data.transforms import load_image
+    from dmmi.data.images import DEFAULT_MAX_PIXELS, check_max_pixels, load_image
+    from dmmi.engine.distributed import resolve_device
+    from dmmi.errors import printable
     from dmmi.inference import Predictor
     from dmmi.visualize import overlay, save_mask_png
 
     for e in args.expressions:
         if not e.strip():
             raise DmmiError("empty expression: give some words, e.g. \"the dog on the left\"")
+    max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else check_max_pixels(args.max_pixels, "--max-pixels")
     images = _images(Path(args.image))
-    predictor = Predictor.load(args.checkpoint, device=args.device, fast=not args.reference)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_writable(out)  # before the model is loaded
+    device = resolve_device(args.device, option="--device", fix="--device cpu")
+    predictor = Predictor.load(args.checkpoint, device=device, fast=not args.reference, max_pixels=max_pixels)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DmmiError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
     failed = 0
     for path in images:
         try:
-            image = load_image(path)
+            image = load_image(path, max_pixels=max_pixels)
         except DmmiError as e:
             if len(images) == 1:
                 raise
             print(f"skipped: {e}")
             failed += 1
             continue
-        for i, pred in enumerate(predictor.predict(image, list(args.expressions))):
-            stem = f"{path.stem}__{i:02d}_{_slug(pred.text)}"
-            save_mask_png(pred.mask, out / f"{stem}_mask.png")
-            overlay(image, pred.mask).save(out / f"{stem}_overlay.png")
-            print(f"{path.name}: \"{pred.text}\" -> {pred.describe()}  ({out / (stem + '_overlay.png')})")
+        for i, pred in enumerate(predictor.iter_predict(image, list(args.expressions))):  # one mask at a time
+            stem = _output_stem(path, i, pred.text)
+            target = out / f"{stem}_overlay.png"
+            try:
+                save_mask_png(pred.mask, out / f"{stem}_mask.png")
+                overlay(image, pred.mask).save(target)
+            except OSError as e:
+                raise DmmiError(f"cannot write {target}: {e.strerror or e}") from None
+            print(f"{printable(path.name)}: \"{printable(pred.text)}\" -> {pred.describe()}  ({printable(target)})")
+            del pred
+        del image
     if failed:
         print(f"skipped {failed} unreadable image(s)")
     return 0
