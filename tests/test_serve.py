@@ -4,23 +4,28 @@ import base64
 import io
 import json
 import os
+import struct
 import threading
 import urllib.error
 import urllib.request
 import uuid
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from dmmi.cli import main as cli
 from dmmi.config import load_config
 from dmmi.data.synthetic import generate
 from dmmi.engine.train import train
+from dmmi.errors import DmmiError
 from dmmi.inference import Predictor
-from dmmi.serve import RequestError, make_server, parse_multipart
+from dmmi.serve import LISTEN_BACKLOG, RequestError, decode_image, make_server, parse_multipart
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -39,17 +44,24 @@ def make_tiny_checkpoint(root: Path) -> tuple[Path, Path]:
 
 
 @contextmanager
-def running_server(predictor, **kwargs):
-    """The server on a free localhost port, in a thread; yields its base URL."""
+def serving(predictor, **kwargs):
+    """The server on a free localhost port, in a thread; yields the server (``.url``, ``.app``)."""
     server = make_server(predictor, "127.0.0.1", 0, quiet=True, **kwargs)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield server.url
+        yield server
     finally:
         server.shutdown()
         server.server_close()
         thread.join(10)
+
+
+@contextmanager
+def running_server(predictor, **kwargs):
+    """The server on a free localhost port, in a thread; yields its base URL."""
+    with serving(predictor, **kwargs) as server:
+        yield server.url
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -182,14 +194,14 @@ def test_predict_jpeg_and_concurrent_requests(base, photo):
     assert masks[0] == masks[1] == masks[2]  # one model call at a time, deterministic
 
 
-def test_predict_in_chunks_with_small_overlays(base, photo, predictor, monkeypatch):
-    import dmmi.serve
-
+def test_predict_in_chunks_with_small_overlays(photo, predictor):
     texts = ["the red circle", "all the shapes", "the blue star"]
     fields = [("image", ("p.png", png_bytes(photo), "image/png")), ("overlay_max_side", "48")]
     fields += [("text", t) for t in texts]
-    monkeypatch.setattr(dmmi.serve, "LOGIT_PIXELS", 2 * 96 * 60)  # two expressions per model call
-    status, out = post_predict(base, fields)
+    chunked = Predictor(predictor.model, predictor.cfg, device="cpu", tokenizer=predictor.tokenizer,
+                        expressions_per_call=2)  # two expressions per model call
+    with running_server(chunked) as url:
+        status, out = post_predict(url, fields)
     assert status == 200, out
     assert [r["text"] for r in out["results"]] == texts
     for result, pred in zip(out["results"], predictor.predict(photo, texts)):
@@ -199,6 +211,15 @@ def test_predict_in_chunks_with_small_overlays(base, photo, predictor, monkeypat
 
 def _png(photo):
     return ("image", ("photo.png", png_bytes(photo), "image/png"))
+
+
+def header_only_png(width: int, height: int) -> bytes:
+    """A PNG whose header says width x height, with no pixel data to speak of."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
 
 
 @pytest.mark.parametrize("case, fields, status, words", [
@@ -213,6 +234,22 @@ def _png(photo):
      "cannot read 'caf\u00e9.png'"),
     ("bad overlay size", lambda p: [_png(p), ("text", "a cat"), ("overlay_max_side", "big")], 400,
      "'overlay_max_side' must be"),
+    ("5000-digit overlay size", lambda p: [_png(p), ("text", "a cat"), ("overlay_max_side", "9" * 5000)], 400,
+     "'overlay_max_side' must be one whole number from 0 to 65535"),
+    ("overlay size over the limit", lambda p: [_png(p), ("text", "a cat"), ("overlay_max_side", "65536")], 400,
+     "'overlay_max_side' must be"),
+    ("superscript overlay size", lambda p: [_png(p), ("text", "a cat"), ("overlay_max_side", "\u00b2")], 400,
+     "'overlay_max_side' must be"),
+    ("negative overlay size", lambda p: [_png(p), ("text", "a cat"), ("overlay_max_side", "-1")], 400,
+     "'overlay_max_side' must be"),
+    ("two overlay sizes", lambda p: [_png(p), ("text", "a cat"), ("overlay_max_side", "1"),
+                                     ("overlay_max_side", "2")], 400, "'overlay_max_side' must be one"),
+    ("unknown field", lambda p: [_png(p), ("text", "a cat"), ("overlay_max_sid", "48")], 400,
+     "unknown form field(s) 'overlay_max_sid'"),
+    ("text not utf-8", lambda p: [_png(p), ("text", ("t.txt", b"a \xff cat", "text/plain"))], 400,
+     "'text' field is not UTF-8"),
+    ("image over the pixel cap", lambda p: [("image", ("huge.png", header_only_png(9000, 5000), "image/png")),
+                                            ("text", "a cat")], 413, "'huge.png' is too large: 9000x5000"),
     ("empty file", lambda p: [("image", ("e.png", b"", "image/png")), ("text", "a cat")], 400, "is empty"),
     ("empty text", lambda p: [_png(p), ("text", "   ")], 400, "empty expression"),
     ("one empty text of two", lambda p: [_png(p), ("text", "the red circle"), ("text", "")], 400,
@@ -222,7 +259,7 @@ def _png(photo):
     ("too many", lambda p: [_png(p), ("text", "\n".join(f"shape {i}" for i in range(40)))], 400,
      "too many expressions"),
 ])
-def test_bad_input_is_a_one_line_400(base, photo, case, fields, status, words):
+def test_bad_input_is_a_one_line_4xx(base, photo, case, fields, status, words):
     got, out = post_predict(base, fields(photo))
     assert got == status, (case, out)
     assert set(out) == {"error"} and words in out["error"], (case, out)
@@ -256,6 +293,90 @@ def test_a_bug_is_a_one_line_500(photo, capsys):
         assert status == 500 and out == {"error": "internal error: RuntimeError: boom second line"}
         assert request(url + "api/info")[0] == 200  # still serving
     assert "Traceback" in capsys.readouterr().err  # the details stay on the console
+
+
+def _ask(url: str, body: bytes, ctype: str, start: threading.Barrier):
+    """POST at the same moment as the others -> (status, error text) or the exception's name."""
+    req = urllib.request.Request(url + "api/predict", data=body)
+    req.add_header("Content-Type", ctype)
+    start.wait(30)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, None, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("Retry-After"), json.loads(e.read())
+    except OSError as e:  # ConnectionResetError, timeouts, refused connections
+        return type(e).__name__, None, str(e)
+
+
+def test_a_burst_of_40_concurrent_requests_is_answered_not_reset(photo, predictor):
+    """Python's default listen backlog of 5 reset most of such a burst (23 of 40 here)."""
+    body, ctype = multipart([_png(photo), ("text", "the red circle")])
+    expected = predictor.predict(photo, "the red circle").mask
+    with serving(predictor) as server:
+        start = threading.Barrier(40)
+        with ThreadPoolExecutor(40) as pool:
+            answers = list(pool.map(lambda _: _ask(server.url, body, ctype, start), range(40)))
+        backlog = server.request_queue_size
+    statuses = [a[0] for a in answers]
+    assert all(s == 200 or s == 503 or (isinstance(s, int) and 400 <= s < 500) for s in statuses), statuses
+    assert statuses.count(200) >= 8, statuses  # admitted ones are served (max_pending 32; the rest may be 503)
+    for status, retry, payload in answers:
+        if status == 200:
+            assert np.array_equal(np.asarray(decode_png(payload["results"][0]["mask_png_base64"])) > 0, expected)
+        else:
+            assert retry == "1" and set(payload) == {"error"} and payload["error"].startswith("busy:")
+    assert backlog == LISTEN_BACKLOG >= 128
+
+
+def test_when_every_slot_is_taken_a_request_gets_a_one_line_503(photo, predictor):
+    with serving(predictor, max_pending=2) as server:
+        assert server.app.slots.acquire(blocking=False) and server.app.slots.acquire(blocking=False)
+        try:
+            body, ctype = multipart([_png(photo), ("text", "a cat")])
+            status, headers, data = request(server.url + "api/predict", body, ctype)
+            assert status == 503 and headers["Retry-After"] == "1"
+            assert json.loads(data) == {"error": "busy: 2 requests in progress; try again in a moment"}
+            assert request(server.url + "api/info")[0] == 200  # pages are not held up
+        finally:
+            server.app.slots.release()
+            server.app.slots.release()
+        assert post_predict(server.url, [_png(photo), ("text", "a cat")])[0] == 200
+
+
+def test_uploads_are_decoded_inside_the_model_lock(photo, predictor, monkeypatch):
+    """One decoded image at a time, whatever the number of concurrent uploads."""
+    import dmmi.serve
+
+    seen, real = [], dmmi.serve.decode_image
+    with serving(predictor) as server:
+        def decode_image(*args, **kwargs):
+            seen.append(server.app.lock.locked())
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(dmmi.serve, "decode_image", decode_image)
+        start = threading.Barrier(4)
+        body, ctype = multipart([_png(photo), ("text", "a cat")])
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda _: _ask(server.url, body, ctype, start), range(4)))
+    assert [a[0] for a in answers] == [200] * 4
+    assert seen == [True] * 4
+
+
+def test_the_pixel_cap_is_configurable_and_decoding_is_the_shared_loader(photo, predictor):
+    with running_server(predictor, max_pixels=96 * 60 - 1) as url:
+        status, out = post_predict(url, [_png(photo), ("text", "a cat")])
+        assert status == 413 and "96x60" in out["error"] and "\n" not in out["error"]
+        assert json.loads(request(url + "api/info")[2])["limits"]["pixels"] == 96 * 60 - 1
+    grey = np.array([[0, 257, 32768, 65535]], np.uint16)
+    assert np.asarray(decode_image(png_bytes(Image.fromarray(grey)), "g16.png"))[0, :, 0].tolist() == [0, 1, 128, 255]
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    photo.save(buf, format="JPEG", exif=exif.tobytes())
+    assert decode_image(buf.getvalue(), "phone.jpg").size == (60, 96)  # upright
+    with pytest.raises(DmmiError, match="max_pixels"):
+        make_server(predictor, "127.0.0.1", 0, max_pixels=0)
 
 
 def test_multipart_keeps_bytes_exactly():
@@ -325,3 +446,16 @@ def test_cli_serve_errors(tmp_path, capsys):
     assert err.startswith("dmmi: error:") and "\n" not in err
     assert cli(["serve", "--checkpoint", str(tmp_path / "missing.pt"), "--port", "70000"]) == 2
     assert "--port" in capsys.readouterr().err
+    assert cli(["serve", "--checkpoint", str(tmp_path / "missing.pt"), "--max-pixels", "0"]) == 2
+    assert "--max-pixels must be a whole number" in capsys.readouterr().err
+    assert cli(["serve", "--checkpoint", str(tmp_path / "missing.pt"), "--max-pending", "0"]) == 2
+    assert "--max-pending must be >= 1" in capsys.readouterr().err
+    assert cli(["serve", "--checkpoint", str(tmp_path / "missing.pt"), "--max-mb", "inf"]) == 2
+    assert "--max-mb must be a number > 0" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cli_serve_cuda_hint_names_its_own_option(tiny, capsys):
+    assert cli(["serve", "--checkpoint", str(tiny[0]), "--device", "cuda", "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no CUDA device" in err and err.endswith("use --device cpu") and "\n" not in err
