@@ -19,7 +19,8 @@ def _add_config_args(p, default="dmmi_swin_b") -> None:
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a model (DDP when launched by torchrun)")
     _add_config_args(p)
-    p.add_argument("--resume", default=None, metavar="CKPT", help="continue from a last.pt exactly")
+    p.add_argument("--resume", default=None, metavar="CKPT",
+                   help="continue from a last.pt exactly; 'auto': from train.output_dir's last.pt if there is one")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
 
@@ -67,6 +68,14 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    if result.interrupted:
+        import signal
+        import sys
+
+        print(f"dmmi: interrupted by {result.interrupted} at step {result.steps}: {result.last_path} saved; "
+              f"continue with the same command and --resume auto", file=sys.stderr)
+        number = getattr(signal, result.interrupted, None) if result.interrupted.startswith("SIG") else None
+        return 128 + int(number) if number is not None else 1
     print(f"done: {result.steps} steps in {result.minutes:.1f} min; best model {result.best_path}; "
           f"last checkpoint {result.last_path}; metrics {result.output_dir / 'metrics.jsonl'}")
     return 0
@@ -76,23 +85,36 @@ def cmd_evaluate(args) -> int:
     from dmmi.engine.evaluate import evaluate_checkpoint
     from dmmi.metrics import format_group_table, format_table
 
+    # the outputs are checked before the evaluation starts, not after it has run for an hour
+    if args.json:
+        if Path(args.json).is_dir():
+            raise DmmiError(f"--json {args.json} is a folder, not a file")
+        _check_writable(Path(args.json).parent, option="--json")
+    if args.gallery:
+        _check_writable(Path(args.gallery), option="--gallery")
     results, skipped, info = evaluate_checkpoint(
         args.checkpoint, data_root=args.data, split=args.split, overrides=args.overrides, device=args.device,
         fast=not args.reference, gallery_dir=args.gallery, progress=not args.no_progress, by_wording=args.by_wording)
-    if info["is_main"]:
-        print(f"{info['preset']} on {info['dataset']} / {info['split']}: {info['samples']} samples")
-        print(format_table(results))
-        if "groups" in results:
-            print()
-            print(format_group_table(results["groups"]))
-        if skipped.count:
-            print(skipped.summary())
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps({"results": results, "skipped": skipped.count, **info}, indent=1))
-            print(f"results written to {args.json}")
-        if args.gallery:
-            print(f"overlays written to {args.gallery}")
+    if not info["is_main"]:
+        return 0
+    print(f"{info['preset']} on {info['dataset']} / {info['split']}: {info['samples']} samples")
+    print(format_table(results))
+    if "groups" in results:
+        print()
+        print(format_group_table(results["groups"]))
+    if skipped.count:
+        print(skipped.summary())
+    gallery_error = info.pop("gallery_error", None)
+    if args.json:
+        from dmmi.engine.checkpoint import atomic_write
+
+        payload = json.dumps({"results": results, "skipped": skipped.count, **info}, indent=1)
+        atomic_write(Path(args.json), lambda tmp: tmp.write_text(payload))  # a failure: one line, metrics shown
+        print(f"results written to {args.json}")
+    if gallery_error:  # the extra failed last: the evaluation above is printed and saved
+        raise DmmiError(gallery_error)
+    if args.gallery:
+        print(f"overlays written to {args.gallery}")
     return 0
 
 
@@ -129,8 +151,9 @@ def _output_stem(path: Path, index: int, text: str) -> str:
     return f"{name}__{index:02d}_{_slug(text)}"
 
 
-def _check_writable(out: Path) -> None:
-    """One-line DmmiError unless ``out`` is, or can be made, a folder to write in (creates nothing)."""
+def _check_writable(out: Path, option: str = "--out") -> None:
+    """One-line DmmiError unless ``out`` is, or can be made, a folder to write in (creates nothing).
+    ``option``: the command-line option that named it, for the message."""
     import os
     import tempfile
 
@@ -139,12 +162,12 @@ def _check_writable(out: Path) -> None:
         while not probe.exists() and probe.parent != probe:  # the nearest part that exists
             probe = probe.parent
         if not probe.is_dir():
-            raise DmmiError(f"--out {out}: {'it' if probe == out else probe} is not a folder")
+            raise DmmiError(f"{option} {out}: {'it' if probe == out else probe} is not a folder")
         fd, tmp = tempfile.mkstemp(prefix=".dmmi-write-test-", dir=probe)
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
-        raise DmmiError(f"--out {out}: cannot write in {probe} ({e.strerror or e})") from None
+        raise DmmiError(f"{option} {out}: cannot write in {probe} ({e.strerror or e})") from None
 
 
 def cmd_predict(args) -> int:

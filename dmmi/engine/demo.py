@@ -86,6 +86,8 @@ def run_demo(*, minutes: Optional[float] = None, checkpoint: Optional[str] = Non
         raise DmmiError(f"checkpoint not found: {checkpoint}")
     results, skipped, info = evaluate_checkpoint(checkpoint, data_root=data, split="test",
                                                  gallery_dir=out / "gallery", progress=progress, by_wording=True)
+    if info.get("gallery_error"):
+        log(f"(no overlays: {info['gallery_error']})")
     log("")
     log(f"test split of the synthetic dataset ({info['samples']} expressions), model {checkpoint}:")
     log(format_table(results))

@@ -73,9 +73,15 @@ class GalleryCollector:
                     heapq.heapreplace(heap, entry)
 
     def write(self, out_dir: str | Path) -> list[Path]:
+        """The overlays as ``<type>_<successes|failures>.png``; an unwritable place is a one-line DmmiError."""
+        try:
+            return self._write(Path(out_dir))
+        except OSError as e:
+            raise DmmiError(f"--gallery {out_dir}: cannot write the overlays ({e.strerror or e})") from None
+
+    def _write(self, out_dir: Path) -> list[Path]:
         from dmmi.visualize import GalleryItem, gallery
 
-        out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         written = []
         for kind, heaps in (("successes", self.best), ("failures", self.worst)):
@@ -141,6 +147,8 @@ def evaluate_checkpoint(checkpoint, *, data_root=None, split=None, overrides=(),
     from dmmi.engine.fastpath import prepare_model
     from dmmi.models.io import load_model_file
 
+    if gallery_dir is not None and Path(gallery_dir).exists() and not Path(gallery_dir).is_dir():
+        raise DmmiError(f"--gallery {gallery_dir} is a file, not a folder")  # before the long work
     info = init_distributed(device)
     try:
         model, cfg = load_model_file(checkpoint)
@@ -169,10 +177,13 @@ def evaluate_checkpoint(checkpoint, *, data_root=None, split=None, overrides=(),
             results["groups"] = {k: results["groups"][k] for k in CATEGORIES if k in results["groups"]}
         if info.distributed:
             skips.count = int(all_reduce_sum(torch.tensor([skips.count], device=info.device)).item())
-        if collector is not None and info.is_main:
-            collector.write(gallery_dir)
         meta = {"preset": cfg.preset, "dataset": cfg.data.dataset, "split": split, "samples": len(dataset),
                 "checkpoint": str(checkpoint), "is_main": info.is_main, "world_size": info.world_size}
+        if collector is not None and info.is_main:
+            try:
+                collector.write(gallery_dir)
+            except DmmiError as e:  # an extra: the finished evaluation is still returned (and printed, saved)
+                meta["gallery_error"] = str(e)
         return results, skips, meta
     finally:
         cleanup()

@@ -1,0 +1,55 @@
+"""dmmi evaluate: outputs checked before the evaluation, and a finished evaluation is printed and
+saved even when an extra (the gallery) then fails."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dmmi.cli import main as cli
+from dmmi.config import load_config
+from dmmi.data.synthetic import generate
+from dmmi.engine.train import train
+
+
+@pytest.fixture(scope="module")
+def model_and_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    generate(root, n_images=12, seed=2, image_size=64, refs_per_image=2)
+    run = tmp_path_factory.mktemp("run") / "r"
+    result = train(load_config("dmmi_tiny", [f"data.root={root}", f"train.output_dir={run}", "train.max_steps=1",
+                                             "data.val_split=null", "train.batch_size=4"]),
+                   progress=False, log=lambda *a: None)
+    return str(result.best_path), root
+
+
+def _evaluate(model_and_data, *extra):
+    ckpt, root = model_and_data
+    return cli(["evaluate", "--checkpoint", ckpt, "--data", str(root), "--split", "test", "--no-progress", *extra])
+
+
+def test_a_gallery_that_fails_keeps_the_printed_and_saved_evaluation(model_and_data, tmp_path, capsys):
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    for t in ("zero", "one", "many"):  # the overlays cannot be written where a folder holds their name
+        (gallery / f"{t}_successes.png").mkdir()
+    assert _evaluate(model_and_data, "--gallery", str(gallery), "--json", str(tmp_path / "res.json")) == 2
+    captured = capsys.readouterr()
+    assert "oIoU" in captured.out and f"results written to {tmp_path / 'res.json'}" in captured.out
+    saved = json.loads((tmp_path / "res.json").read_text())
+    assert saved["results"]["dmmi"]["counts"]["total"] == saved["samples"] > 0
+    err = captured.err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"dmmi: error: --gallery {gallery}: cannot write the overlays")
+
+
+def test_unwritable_outputs_are_refused_before_the_evaluation(model_and_data, tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for extra, message in ((["--json", str(a_file / "res.json")], f"--json {a_file}: it is not a folder"),
+                           (["--json", str(tmp_path)], f"--json {tmp_path} is a folder, not a file"),
+                           (["--gallery", str(a_file)], f"--gallery {a_file}: it is not a folder")):
+        assert _evaluate(model_and_data, *extra) == 2
+        captured = capsys.readouterr()
+        assert "oIoU" not in captured.out  # nothing was evaluated
+        assert captured.err.strip() == f"dmmi: error: {message}"
