@@ -211,6 +211,8 @@ def cmd_predict(args) -> int:
             print(f"{printable(path.name)}: \"{printable(pred.text)}\" -> {pred.describe()}  ({printable(target)})")
             del pred
         del image
+    if failed == len(images):
+        raise DmmiError(f"none of the {failed} images in {args.image} could be read (the reasons are above)")
     if failed:
         print(f"skipped {failed} unreadable image(s)")
     return 0

@@ -71,14 +71,15 @@ def _env_int(key: str, default: int) -> int:
         raise DmmiError(f"environment variable {key}={value!r} is not an integer (set by torchrun)") from None
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
+def init_distributed(device: str = "auto", *, option: str = "train.device", fix: str = "--set train.device=cpu"
+                     ) -> DistInfo:
     """Join the torchrun process group if the environment describes one.
 
     ``device`` is ``train.device``. Under torchrun with CUDA, each process takes
     ``cuda:LOCAL_RANK`` (an explicit index in ``device`` is then ignored). Calling it again
     when the group already exists returns the same information.
     """
-    dev = resolve_device(device)
+    dev = resolve_device(device, option=option, fix=fix)  # option / fix: how the caller's user names it
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)

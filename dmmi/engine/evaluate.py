@@ -149,7 +149,7 @@ def evaluate_checkpoint(checkpoint, *, data_root=None, split=None, overrides=(),
 
     if gallery_dir is not None and Path(gallery_dir).exists() and not Path(gallery_dir).is_dir():
         raise DmmiError(f"--gallery {gallery_dir} is a file, not a folder")  # before the long work
-    info = init_distributed(device)
+    info = init_distributed(device, option="--device", fix="--device cpu")
     try:
         model, cfg = load_model_file(checkpoint)
         if overrides:  # evaluate may change where the data lies and how it is read, not the model

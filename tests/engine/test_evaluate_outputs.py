@@ -53,3 +53,23 @@ def test_unwritable_outputs_are_refused_before_the_evaluation(model_and_data, tm
         captured = capsys.readouterr()
         assert "oIoU" not in captured.out  # nothing was evaluated
         assert captured.err.strip() == f"dmmi: error: {message}"
+
+
+def test_a_cuda_request_without_cuda_names_evaluates_own_option(model_and_data, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the message on a machine without CUDA")
+    assert _evaluate(model_and_data, "--device", "cuda") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("no CUDA device is available; use --device cpu") and "--set" not in err
+
+
+def test_predict_on_a_folder_of_unreadable_images_fails(model_and_data, tmp_path, capsys):
+    ckpt, _ = model_and_data
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("a.png", "b.jpg"):
+        (folder / name).write_bytes(b"not an image")
+    assert cli(["predict", str(folder), "a cat", "--checkpoint", ckpt, "--out", str(tmp_path / "out")]) == 2
+    assert "none of the 2 images" in capsys.readouterr().err
