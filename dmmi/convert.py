@@ -187,13 +187,21 @@ def guess_preset(model_sd: dict) -> str:
 
 
 def convert_checkpoint(src: str, out: str, preset: Optional[str] = None, overrides=()) -> dict:
-    """Authors' checkpoint file -> our checkpoint (weights-only torch, or safetensors by suffix)."""
+    """Authors' checkpoint file -> our model file: weights-only torch, safetensors or a Hub-style model
+    directory, by ``out``'s suffix (:func:`dmmi.models.io.save_model_file`). A dmmi model file as ``src``
+    is rewritten in ``out``'s layout (e.g. ``best.pt`` -> a model directory)."""
     import warnings
 
     from dmmi.config import load_config
-    from dmmi.models.io import save_model_file
+    from dmmi.models.io import load_model_file, save_model_file
     from dmmi.models import build_model
 
+    if _is_dmmi_file(src):
+        model, cfg = load_model_file(src)
+        save_model_file(out, model, cfg, extra={"converted_from": str(src)})
+        n = len(model.state_dict())
+        return {"converted": n, "dropped": [], "missing": [], "preset": cfg.preset, "out": str(out),
+                "compat": cfg.model.compat}
     model_sd, bert_sd, info = read_authors_checkpoint(src)
     preset = preset or guess_preset(model_sd)
     cfg = load_config(preset, ["model.compat=ris-dmmi", "model.text_pretrained=false", *overrides])
@@ -208,14 +216,32 @@ def convert_checkpoint(src: str, out: str, preset: Optional[str] = None, overrid
     model.load_state_dict(state, strict=False)
     cfg.model.text_pretrained = False  # weights come from this file
     save_model_file(out, model, cfg, extra={"converted_from": str(src), "epoch": info.get("epoch")})
-    report.update(preset=preset, out=str(out))
+    report.update(preset=preset, out=str(out), compat="ris-dmmi")
     return report
+
+
+def _is_dmmi_file(src: str) -> bool:
+    """A dmmi model file, training checkpoint or model directory (not the authors' layout)."""
+    from dmmi import hub
+
+    path = Path(src)
+    if hub.is_model_dir(path) or path.suffix == ".safetensors":
+        return True
+    if not path.is_file():
+        return False
+    try:
+        payload = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - the authors' files need a wider reader (read_authors_checkpoint)
+        return False
+    return isinstance(payload, dict) and payload.get("format") in ("dmmi-model", "dmmi-checkpoint")
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("convert", help="convert the authors' released checkpoint into dmmi's format")
-    p.add_argument("checkpoint", help="the authors' .pth (dict with model + bert_model)")
-    p.add_argument("--out", required=True, help="output file (.pt weights-only torch, or .safetensors)")
+    p.add_argument("checkpoint", help="the authors' .pth (dict with model + bert_model), or a dmmi model file")
+    p.add_argument("--out", required=True,
+                   help="output: FILE.pt (weights-only torch), FILE.safetensors, or DIR (a Hub-style model directory: "
+                        "config.json + model.safetensors + README.md)")
     p.add_argument("--preset", default=None, help="dmmi_swin_b | dmmi_swin_t | dmmi_r101 (guessed if omitted)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_cmd_convert)
@@ -224,7 +250,7 @@ def register(subparsers) -> None:
 def _cmd_convert(args) -> int:
     report = convert_checkpoint(args.checkpoint, args.out, args.preset, args.overrides)
     print(f"converted {report['converted']} tensors into {report['out']} (preset {report['preset']}, "
-          f"compat ris-dmmi)")
+          f"compat {report['compat']})")
     if report["dropped"]:
         print(f"dropped {len(report['dropped'])} tensors on purpose ({report['dropped_parameters']:,} parameters: "
               "unused decoder-layer copies, the last Swin stage's unread gate, constant buffers)")

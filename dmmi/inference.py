@@ -87,6 +87,12 @@ class Predictor:
         return cls(model, cfg, device=device, fast=fast, tokenizer=tokenizer, max_pixels=max_pixels,
                    expressions_per_call=expressions_per_call)
 
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, **kwargs) -> "Predictor":
+        """A model directory (:func:`dmmi.hub.save_pretrained`) or a Hub repo id; ``kwargs`` as :meth:`load`
+        (which takes model files, directories and repo ids alike)."""
+        return cls.load(name_or_path, **kwargs)
+
     def _image(self, image: ImageLike) -> Image.Image:
         if isinstance(image, np.ndarray):
             if image.ndim != 3 or image.shape[2] != 3:

@@ -428,7 +428,8 @@ def make_server(predictor, host: str = "127.0.0.1", port: int = 7860, *, max_req
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="a web page (and JSON API) to segment your own images")
-    p.add_argument("--checkpoint", required=True, help="a trained model (best.pt, .safetensors, ...)")
+    p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True, metavar="MODEL",
+                   help="a trained model: best.pt / a .safetensors file, a model directory or a Hub repo id")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks a free one)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

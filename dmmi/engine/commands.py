@@ -25,7 +25,8 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("evaluate", help="evaluate a checkpoint (DMMI and GRES protocols, per type)")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True, metavar="MODEL",
+                   help="a model: best.pt / a .safetensors file, a model directory or a Hub repo id (owner/name)")
     p.add_argument("--data", default=None, metavar="DIR", help="dataset root (default: the checkpoint's data.root)")
     p.add_argument("--split", default=None, help="split to evaluate (default: data.test_split)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -42,7 +43,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("predict", help="segment what expressions refer to in an image (or a folder)")
     p.add_argument("image", help="an image file or a folder of images")
     p.add_argument("expressions", nargs="+", help="one or more English expressions")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True, metavar="MODEL",
+                   help="a model: best.pt / a .safetensors file, a model directory or a Hub repo id (owner/name)")
     p.add_argument("--out", default="predictions", metavar="DIR",
                    help="output folder: <image file name>__<NN>_<expression>_mask.png / _overlay.png")
     p.add_argument("--device", default="auto")

@@ -1,11 +1,13 @@
 """Model files: weights + the resolved config that built them, never arbitrary pickles.
 
-Two formats, chosen by suffix:
+Three layouts, chosen by the path:
 * ``.safetensors``: tensors, with ``{"format": "dmmi-model", "preset", "config" (JSON)}``
   in the metadata;
-* anything else: a ``torch.save`` dict ``{format, version, preset, config, model, extra}``
-  readable with ``torch.load(weights_only=True)``. Training checkpoints use the same keys
-  (plus optimizer/scheduler/RNG state), so they load here too.
+* any other suffix (``.pt``, ``.pth``, ...): a ``torch.save`` dict ``{format, version, preset,
+  config, model, extra}`` readable with ``torch.load(weights_only=True)``. Training checkpoints
+  use the same keys (plus optimizer/scheduler/RNG state), so they load here too;
+* no suffix, or an existing folder: a Hub-style model directory (``config.json``,
+  ``model.safetensors``, ``README.md``: :mod:`dmmi.hub`); a Hub repo id loads the same way.
 """
 
 from __future__ import annotations
@@ -25,8 +27,12 @@ TRAINING_FORMAT = "dmmi-checkpoint"  # dmmi.engine.checkpoint: model + optimizer
 
 
 def save_model_file(path: str | Path, model: torch.nn.Module, cfg, extra: Optional[dict] = None) -> Path:
-    """Write ``model``'s weights and ``cfg`` (a Config) to ``path`` atomically."""
+    """Write ``model``'s weights and ``cfg`` (a Config) to ``path`` atomically (layout by path: module docstring)."""
     path = Path(path)
+    if path.is_dir() or not path.suffix:
+        from dmmi.hub import save_pretrained
+
+        return save_pretrained(model, cfg, path, extra=extra)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     cfg_dict = cfg.to_dict()
     if path.suffix == ".safetensors":
@@ -42,8 +48,16 @@ def save_model_file(path: str | Path, model: torch.nn.Module, cfg, extra: Option
     return path
 
 
-def read_model_file(path: str | Path) -> tuple[dict, dict]:
-    """-> (state_dict, config dict). One-line DmmiError for anything that is not ours."""
+def read_model_file(path: str | Path, *, revision: Optional[str] = None) -> tuple[dict, dict]:
+    """-> (state_dict, config dict). One-line DmmiError for anything that is not ours.
+
+    ``path``: a model file (.pt / .safetensors, a training checkpoint), a model directory or a
+    Hub repo id (:mod:`dmmi.hub`)."""
+    from dmmi import hub
+
+    if Path(path).is_dir() or hub.looks_like_repo_id(str(path)):
+        state, cfg, _ = hub.read_model_dir(path, revision=revision)
+        return state, cfg
     path = Path(path)
     if not path.is_file():
         raise DmmiError(f"checkpoint not found: {path}")
@@ -74,15 +88,17 @@ def read_model_file(path: str | Path) -> tuple[dict, dict]:
     return payload["model"], payload["config"]
 
 
-def load_model_file(path: str | Path, *, expect_preset: Optional[str] = None, map_location="cpu"):
-    """Rebuild the model a file describes and load its weights. -> (model, Config).
+def load_model_file(path: str | Path, *, expect_preset: Optional[str] = None, map_location="cpu",
+                    revision: Optional[str] = None):
+    """Rebuild the model a file, model directory or Hub repo id describes and load its weights.
+    -> (model, Config).
 
     ``expect_preset``: refuse a file of another preset with a clear message.
     """
     from dmmi.config import Config
     from dmmi.models import build_model
 
-    state, cfg_dict = read_model_file(path)
+    state, cfg_dict = read_model_file(path, revision=revision)
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise DmmiError(f"{path}: the file holds no model weights (its 'model' entry is empty or not a state dict)")
     if not isinstance(cfg_dict, dict):

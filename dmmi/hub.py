@@ -1,0 +1,178 @@
+"""Hub-style model directories, the layout the Hugging Face Hub expects of a model repository:
+
+    DIR/config.json          {"format": "dmmi-model", "dmmi_version", "preset", "config": <the resolved Config>,
+                              "extra": {"val": ..., "step": ..., "trained_on": ...}}
+    DIR/model.safetensors    the state dict (safetensors only: loading never unpickles)
+    DIR/README.md            a model card: intended use and limits, training data, figures, citation
+
+    save_pretrained(model, cfg, "my-model/")             # also: dmmi train (best/), dmmi convert --out DIR
+    model, cfg = from_pretrained("my-model/")             # a local directory ...
+    model, cfg = from_pretrained("someone/dmmi-swin-b")   # ... or a Hub repo id (huggingface_hub's cache)
+    push_to_hub(model, cfg, "me/dmmi-swin-b")             # huggingface_hub's upload_folder
+
+A repo id goes through ``huggingface_hub.snapshot_download``: with ``HF_HUB_OFFLINE=1`` (what
+the ``dmmi`` command sets unless told otherwise) only what is already in the local cache loads,
+and anything else is a one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from dmmi.engine.checkpoint import atomic_write, load_weights_safetensors, save_weights_safetensors
+from dmmi.errors import DmmiError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
+FORMAT = "dmmi-model"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+CITATION = """@inproceedings{hu2023beyond,
+  title     = {Beyond One-to-One: Rethinking the Referring Image Segmentation},
+  author    = {Hu, Yutao and Wang, Qixiong and Shao, Wenqi and Xie, Enze and Li, Zhenguo and Han, Jungong and Luo, Ping},
+  booktitle = {Proceedings of the IEEE/CVF International Conference on Computer Vision (ICCV)},
+  year      = {2023},
+  doi       = {10.1109/ICCV51070.2023.00376}
+}"""
+
+
+def is_model_dir(path: str | Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / CONFIG_NAME).is_file()
+
+
+def looks_like_repo_id(name: str) -> bool:
+    """``owner/name`` that is not a local path."""
+    return bool(_REPO_ID.match(str(name))) and not Path(name).exists()
+
+
+def save_pretrained(model: torch.nn.Module, cfg, directory: str | Path, *, extra: Optional[dict] = None) -> Path:
+    """Write ``model`` (weights) and ``cfg`` (a Config) as a model directory, each file atomically.
+    ``extra``: plain data for config.json and the card (``{"val": results, "step": N}``)."""
+    from dmmi import __version__
+
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise DmmiError(f"{directory} is a file, not a folder for a model directory")
+    extra = json.loads(json.dumps(extra or {}, default=str))
+    meta = {"format": FORMAT, "dmmi_version": __version__, "preset": str(cfg.preset), "config": cfg.to_dict(),
+            "extra": extra}
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    save_weights_safetensors(directory / WEIGHTS_NAME, state, {"format": FORMAT, "preset": str(cfg.preset)})
+    config_text = json.dumps(meta, indent=1)
+    atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(config_text))
+    card = model_card(cfg, extra)
+    atomic_write(directory / CARD_NAME, lambda tmp: tmp.write_text(card))
+    return directory
+
+
+def resolve(name_or_path: str | Path, *, revision: Optional[str] = None, cache_dir: Optional[str] = None) -> Path:
+    """A local model directory, or a Hub repo id fetched into (or found in) huggingface_hub's cache
+    (``cache_dir``: another cache than huggingface_hub's default)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (path / name).is_file():
+                raise DmmiError(f"model directory {path} has no {name} (a dmmi model directory holds "
+                                f"{CONFIG_NAME} and {WEIGHTS_NAME}; see dmmi.hub.save_pretrained)")
+        return path
+    if not looks_like_repo_id(str(name_or_path)):
+        raise DmmiError(f"model {name_or_path}: neither a model directory nor a Hub repo id (owner/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    try:
+        local = snapshot_download(repo_id=str(name_or_path), revision=revision, cache_dir=cache_dir,
+                                  allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME])
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+        raise DmmiError(f"model {name_or_path}: not in the local Hugging Face cache and the Hub is offline "
+                        "(HF_HUB_OFFLINE=1, or no network): download it once with network, or pass a local "
+                        "model directory") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise DmmiError(f"model {name_or_path}: cannot fetch it from the Hub ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+    return resolve(local)
+
+
+def read_model_dir(name_or_path: str | Path, *, revision: Optional[str] = None) -> tuple[dict, dict, dict]:
+    """-> (state_dict, config dict, extra) of a model directory or repo id."""
+    directory = resolve(name_or_path, revision=revision)
+    try:
+        meta = json.loads((directory / CONFIG_NAME).read_text())
+    except (OSError, ValueError) as e:
+        raise DmmiError(f"{directory / CONFIG_NAME}: not readable JSON ({type(e).__name__})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("config"), dict):
+        raise DmmiError(f"{directory / CONFIG_NAME}: not a dmmi model config (no \"format\": \"{FORMAT}\" "
+                        "with a \"config\" mapping)")
+    state, _ = load_weights_safetensors(directory / WEIGHTS_NAME)
+    return dict(state), meta["config"], meta.get("extra") or {}
+
+
+def from_pretrained(name_or_path: str | Path, *, revision: Optional[str] = None, expect_preset: Optional[str] = None):
+    """Rebuild the model of a directory / repo id and load its weights. -> (model in eval mode, Config)."""
+    from dmmi.models.io import load_model_file
+
+    model, cfg = load_model_file(name_or_path, expect_preset=expect_preset, revision=revision)
+    return model.eval(), cfg
+
+
+def push_to_hub(model: torch.nn.Module, cfg, repo_id: str, *, private: bool = False, token: Optional[str] = None,
+                extra: Optional[dict] = None, commit_message: str = "dmmi model") -> str:
+    """Create (if needed) the Hub repository ``repo_id`` and upload the model directory. -> its URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(model, cfg, tmp, extra=extra)
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
+    return str(url)
+
+
+def model_card(cfg, extra: dict) -> str:
+    """The README.md of a model directory (Hub model-card front matter + text)."""
+    d = cfg.data
+    trained_on = extra.get("trained_on") or d.dataset
+    synthetic = trained_on == "synthetic"
+    lines = ["---", "library_name: dmmi", "pipeline_tag: image-segmentation", "tags:",
+             "- referring-image-segmentation", "- dmmi", "---", "",
+             f"# dmmi model: {cfg.preset}", "",
+             "Referring image segmentation beyond one-to-one: given an image and an English expression, the mask "
+             "of every object the expression refers to (none, one or many): the DMMI network of Hu et al., "
+             "ICCV 2023, as reimplemented by the `dmmi` package.", "",
+             "## Use", "", "```python", "from dmmi.inference import Predictor", "",
+             'predictor = Predictor.from_pretrained("THIS_DIR_OR_REPO")',
+             'result = predictor.predict("photo.jpg", "the two dogs on the left")',
+             "result.mask, result.no_target", "```", "",
+             "## Model", "",
+             f"- preset `{cfg.preset}`: visual encoder `{cfg.model.backbone}`, text encoder "
+             f"`{cfg.model.text_encoder}`, input {cfg.model.image_size} x {cfg.model.image_size}, "
+             f"at most {cfg.model.max_tokens} tokens",
+             f"- training data: `{trained_on}` (format `{d.format}`, split `{d.train_split}`)", ""]
+    if "step" in extra:
+        lines += [f"- trained for {extra['step']} optimiser steps", ""]
+    lines += ["## Intended use and limits", ""]
+    if synthetic:
+        lines += ["Trained on dmmi's synthetic set of coloured shapes on plain backgrounds: a demonstration of the "
+                  "zero / one / many setting. It does not segment photographs meaningfully.", ""]
+    else:
+        lines += [f"Expressions and images like those of `{trained_on}` (COCO-like photographs, English). "
+                  "Expressions that refer to nothing get an empty mask when the model is right; check the "
+                  "zero-target accuracy below before relying on it.", ""]
+    val = extra.get("val")
+    if isinstance(val, dict) and isinstance(val.get("dmmi"), dict):
+        m = val["dmmi"]
+
+        def fmt(v):
+            return "-" if v is None else f"{v:.2f}"
+
+        lines += ["## Validation figures (selection split, DMMI protocol)", "", "| oIoU | mIoU | Acc (zero-target) |",
+                  "|---|---|---|", f"| {fmt(m.get('oIoU'))} | {fmt(m.get('mIoU'))} | {fmt(m.get('Acc'))} |", ""]
+    lines += ["## Citation", "", "```bibtex", CITATION, "```", ""]
+    return "\n".join(lines)

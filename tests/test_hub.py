@@ -1,0 +1,131 @@
+"""Hub-style model directories (dmmi.hub): save_pretrained / from_pretrained / push_to_hub, a repo id
+from huggingface_hub's local cache (offline), and one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dmmi import hub
+from dmmi.cli import main as cli
+from dmmi.config import load_config
+from dmmi.errors import DmmiError
+from dmmi.inference import Predictor
+from dmmi.models import build_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = load_config("dmmi_tiny")
+    model = build_model(cfg.model).eval()
+    directory = hub.save_pretrained(model, cfg, tmp_path_factory.mktemp("m") / "tiny",
+                                    extra={"step": 7, "val": {"dmmi": {"oIoU": 61.5, "mIoU": 58.25, "Acc": 90.0}}})
+    return model, cfg, directory
+
+
+def _logits(model):
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, 64, 64)
+    ids = torch.randint(1000, 2000, (2, 20))
+    mask = torch.ones(2, 20, dtype=torch.long)
+    with torch.no_grad():
+        return model.eval()(images, ids, mask).logits
+
+
+def test_save_pretrained_writes_the_hub_layout_and_loads_back(tiny):
+    model, cfg, directory = tiny
+    assert sorted(p.name for p in directory.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    meta = json.loads((directory / "config.json").read_text())
+    assert meta["format"] == "dmmi-model" and meta["preset"] == "dmmi_tiny" and meta["config"] == cfg.to_dict()
+    card = (directory / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: dmmi") and "@inproceedings{hu2023beyond" in card
+    assert "| 61.50 | 58.25 | 90.00 |" in card and "coloured shapes" in card  # figures; the synthetic set's limits
+    loaded, loaded_cfg = hub.from_pretrained(directory)
+    assert loaded_cfg.to_dict()["model"] == {**cfg.to_dict()["model"], "text_pretrained": False}
+    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=0)
+    predictor = Predictor.from_pretrained(str(directory), device="cpu")
+    assert predictor.cfg.preset == "dmmi_tiny"
+
+
+def test_a_repo_id_loads_from_the_local_hub_cache_offline(tiny, tmp_path):
+    """huggingface_hub's cache layout (models--owner--name/refs, snapshots/<commit>/...), as a download
+    leaves it: with HF_HUB_OFFLINE=1 the repo id resolves to the cached snapshot."""
+    model, _, directory = tiny
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--someone--dmmi-tiny"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for p in directory.iterdir():
+        (snapshot / p.name).write_bytes(p.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    assert hub.resolve("someone/dmmi-tiny", cache_dir=str(tmp_path)) == snapshot
+    with pytest.raises(DmmiError) as e:
+        hub.resolve("someone/not-downloaded", cache_dir=str(tmp_path))
+    assert str(e.value).startswith("model someone/not-downloaded: not in the local Hugging Face cache and the Hub "
+                                   "is offline")
+
+
+def test_bad_model_directories_are_one_line(tiny, tmp_path):
+    _, _, directory = tiny
+    for missing in ("config.json", "model.safetensors"):
+        broken = tmp_path / f"no-{missing}"
+        broken.mkdir()
+        for p in directory.iterdir():
+            if p.name != missing:
+                (broken / p.name).write_bytes(p.read_bytes())
+        with pytest.raises(DmmiError, match=f"model directory {broken} has no {missing}"):
+            hub.from_pretrained(broken)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
+    (foreign / "model.safetensors").write_bytes((directory / "model.safetensors").read_bytes())
+    with pytest.raises(DmmiError, match="not a dmmi model config"):
+        hub.from_pretrained(foreign)
+    with pytest.raises(DmmiError, match="neither a model directory nor a Hub repo id"):
+        hub.resolve(str(tmp_path / "nothing" / "here"))
+
+
+def test_predict_takes_a_model_directory_and_convert_writes_one(tiny, tmp_path, capsys):
+    from PIL import Image
+
+    model, cfg, directory = tiny
+    image = tmp_path / "x.png"
+    Image.new("RGB", (40, 30), (200, 20, 20)).save(image)
+    assert cli(["predict", str(image), "the red square", "--model", str(directory), "--out", str(tmp_path / "p")]) == 0
+    assert "x.png" in capsys.readouterr().out
+    from dmmi.models.io import save_model_file
+
+    pt = save_model_file(tmp_path / "best.pt", model, cfg)
+    assert cli(["convert", str(pt), "--out", str(tmp_path / "as-dir")]) == 0
+    again, _ = hub.from_pretrained(tmp_path / "as-dir")
+    torch.testing.assert_close(_logits(again), _logits(model), rtol=0, atol=0)
+
+
+def test_push_to_hub_uploads_the_directory(tiny, monkeypatch):
+    model, cfg, _ = tiny
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls.append(("init", token))
+
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            calls.append(("create", repo_id, private, exist_ok))
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            from pathlib import Path
+
+            calls.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    url = hub.push_to_hub(model, cfg, "me/dmmi-tiny", private=True, token="t")
+    assert url == "https://huggingface.co/me/dmmi-tiny"
+    assert calls == [("init", "t"), ("create", "me/dmmi-tiny", True, True),
+                     ("upload", "me/dmmi-tiny", ["README.md", "config.json", "model.safetensors"])]
