@@ -37,6 +37,9 @@ def register(subparsers) -> None:
     p.add_argument("--by-wording", action="store_true",
                    help="also a table per wording (attribute / position / plural / count / union)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--sweep-threshold", default=None, metavar="PNG",
+                   help="also evaluate the masks 'p(foreground) > t' for t = 0.05 ... 0.95: a table, PNG (Acc vs oIoU, "
+                        "N-acc vs cIoU) and PNG's .json")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
@@ -94,9 +97,17 @@ def cmd_evaluate(args) -> int:
         _check_writable(Path(args.json).parent, option="--json")
     if args.gallery:
         _check_writable(Path(args.gallery), option="--gallery")
+    if args.sweep_threshold:
+        if Path(args.sweep_threshold).suffix.lower() != ".png":
+            raise DmmiError(f"--sweep-threshold {args.sweep_threshold}: give a .png path (its table goes beside it "
+                            "as .json)")
+        _check_writable(Path(args.sweep_threshold).parent, option="--sweep-threshold")
+    from dmmi.engine.evaluate import SWEEP_THRESHOLDS, format_sweep, plot_sweep
+
     results, skipped, info = evaluate_checkpoint(
         args.checkpoint, data_root=args.data, split=args.split, overrides=args.overrides, device=args.device,
-        fast=not args.reference, gallery_dir=args.gallery, progress=not args.no_progress, by_wording=args.by_wording)
+        fast=not args.reference, gallery_dir=args.gallery, progress=not args.no_progress, by_wording=args.by_wording,
+        sweep=SWEEP_THRESHOLDS if args.sweep_threshold else None)
     if not info["is_main"]:
         return 0
     print(f"{info['preset']} on {info['dataset']} / {info['split']}: {info['samples']} samples")
@@ -106,6 +117,10 @@ def cmd_evaluate(args) -> int:
         print(format_group_table(results["groups"]))
     if skipped.count:
         print(skipped.summary())
+    if "sweep" in results:
+        print()
+        print("threshold sweep (mask = p(foreground) > threshold; the argmax above is 0.50):")
+        print(format_sweep(results["sweep"]))
     gallery_error = info.pop("gallery_error", None)
     if args.json:
         from dmmi.engine.checkpoint import atomic_write
@@ -113,6 +128,15 @@ def cmd_evaluate(args) -> int:
         payload = json.dumps({"results": results, "skipped": skipped.count, **info}, indent=1)
         atomic_write(Path(args.json), lambda tmp: tmp.write_text(payload))  # a failure: one line, metrics shown
         print(f"results written to {args.json}")
+    if args.sweep_threshold:
+        png = Path(args.sweep_threshold)
+        sweep_json = json.dumps({"split": info["split"], "checkpoint": info["checkpoint"], "sweep": results["sweep"]},
+                                indent=1)
+        from dmmi.engine.checkpoint import atomic_write
+
+        atomic_write(png.with_suffix(".json"), lambda tmp: tmp.write_text(sweep_json))
+        plot_sweep(results["sweep"], png, title=f"{info['preset']} on {info['dataset']} / {info['split']}")
+        print(f"threshold sweep written to {png} and {png.with_suffix('.json')}")
     if gallery_error:  # the extra failed last: the evaluation above is printed and saved
         raise DmmiError(gallery_error)
     if args.gallery:

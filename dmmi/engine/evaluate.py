@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import heapq
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -102,14 +102,30 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
     return (x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
+SWEEP_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 ... 0.95
+
+
+def threshold_masks(logits: torch.Tensor, threshold: Optional[float]) -> torch.Tensor:
+    """(B, 2, H, W) class scores -> (B, H, W) bool masks: foreground probability > ``threshold``
+    (None: the paper's argmax, which is the same as > 0.5)."""
+    if threshold is None:
+        return logits.argmax(dim=1).bool()
+    probability = torch.softmax(logits.float(), dim=1)[:, 1]  # (B, H, W)
+    return probability > threshold
+
+
 @torch.no_grad()
 def run_evaluation(model, loader, device, *, fast: bool = True, progress: bool = True, desc: str = "evaluate",
-                   gallery: Optional[GalleryCollector] = None, group_of: Optional[Mapping[int, str]] = None):
+                   gallery: Optional[GalleryCollector] = None, group_of: Optional[Mapping[int, str]] = None,
+                   sweep: Optional[Sequence[float]] = None):
     """-> (results {"dmmi": ..., "gres": ...}, SkipReport). ``model``: an unwrapped DMMI.
-    ``group_of`` (dataset index -> group name) adds ``results["groups"]``, both protocols per group."""
+    ``group_of`` (dataset index -> group name) adds ``results["groups"]``, both protocols per group.
+    ``sweep`` (thresholds in (0, 1)) adds ``results["sweep"]``: [{"threshold", "dmmi", "gres"}, ...],
+    the masks "foreground probability > threshold" from the same forward passes."""
     was_training = model.training
     model.eval()
     evaluator = CombinedEvaluator()
+    swept = [(float(t), CombinedEvaluator()) for t in (sweep or ())]
     skips = SkipReport()
     iterator = loader
     if progress:
@@ -125,18 +141,25 @@ def run_evaluation(model, loader, device, *, fast: bool = True, progress: bool =
             out = model(images, batch["input_ids"].to(device), batch["attention_mask"].to(device))
         pred = out.masks().cpu()
         evaluator.process(pred, batch["mask"], list(batch["type"]), sample_ids=batch["index"])
+        for t, ev in swept:
+            ev.process(threshold_masks(out.logits, t).cpu(), batch["mask"], list(batch["type"]),
+                       sample_ids=batch["index"])
         if gallery is not None:
             gallery.offer(batch, pred)
     evaluator.all_reduce()
+    for _, ev in swept:
+        ev.all_reduce()
     model.train(was_training)
     results = evaluator.evaluate()
+    if swept:
+        results["sweep"] = [{"threshold": t, **ev.evaluate()} for t, ev in swept]
     if group_of is not None:
         results["groups"] = evaluator.evaluate_groups(group_of)
     return results, skips
 
 
 def evaluate_checkpoint(checkpoint, *, data_root=None, split=None, overrides=(), device="auto", fast=True,
-                        gallery_dir=None, progress=True, by_wording=False):
+                        gallery_dir=None, progress=True, by_wording=False, sweep=None):
     """Load a model file, evaluate it on a split. -> (results, SkipReport, info dict).
     ``by_wording``: also both protocols per wording category (:mod:`dmmi.data.wording`) in
     ``results["groups"]``."""
@@ -172,7 +195,7 @@ def evaluate_checkpoint(checkpoint, *, data_root=None, split=None, overrides=(),
             group_of = {i: wording_category(dataset.sentence_at(i)) for i in range(len(dataset))}
         model = prepare_model(model, info.device, fast=fast)
         results, skips = run_evaluation(model, loader, info.device, fast=fast, progress=progress and info.is_main,
-                                        gallery=collector, group_of=group_of)
+                                        gallery=collector, group_of=group_of, sweep=sweep)
         if by_wording:  # in the categories' order
             results["groups"] = {k: results["groups"][k] for k in CATEGORIES if k in results["groups"]}
         if info.distributed:
@@ -187,3 +210,46 @@ def evaluate_checkpoint(checkpoint, *, data_root=None, split=None, overrides=(),
         return results, skips, meta
     finally:
         cleanup()
+
+
+def format_sweep(sweep: list[dict]) -> str:
+    """The threshold sweep as a table: DMMI oIoU / mIoU / Acc and GRES cIoU / gIoU / N-acc per threshold."""
+    from dmmi.metrics import _render
+
+    def f(v):
+        return "-" if v is None else f"{v:.2f}"
+
+    rows = [[f"{r['threshold']:.2f}", f(r["dmmi"]["oIoU"]), f(r["dmmi"]["mIoU"]), f(r["dmmi"]["Acc"]),
+             f(r["gres"]["cIoU"]), f(r["gres"]["gIoU"]), f(r["gres"]["N-acc"])] for r in sweep]
+    return _render(["threshold", "oIoU", "mIoU", "Acc", "cIoU", "gIoU", "N-acc"], rows)
+
+
+def plot_sweep(sweep: list[dict], out_png: str | Path, title: str = "") -> Path:
+    """Two panels: zero-target Acc vs oIoU (DMMI) and N-acc vs cIoU (GRES), one point per threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for ax, (x_key, y_key, proto) in zip(axes, (("oIoU", "Acc", "dmmi"), ("cIoU", "N-acc", "gres"))):
+        points = [(r[proto][x_key], r[proto][y_key], r["threshold"]) for r in sweep
+                  if r[proto][x_key] is not None and r[proto][y_key] is not None]
+        if points:
+            xs, ys, ts = zip(*points)
+            ax.plot(xs, ys, "-o", color="#1f77b4", markersize=4)
+            for x, y, t in points:
+                if round(t * 20) % 2 == 0 or abs(t - 0.5) < 1e-9:  # label every 0.1 (and 0.5, the argmax)
+                    ax.annotate(f"{t:.1f}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xlabel(f"{x_key} (%)")
+        ax.set_ylabel(f"{y_key} (%)")
+        ax.set_title(f"{proto.upper()}: {y_key} vs {x_key}, threshold on p(foreground)")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png

@@ -73,3 +73,32 @@ def test_predict_on_a_folder_of_unreadable_images_fails(model_and_data, tmp_path
         (folder / name).write_bytes(b"not an image")
     assert cli(["predict", str(folder), "a cat", "--checkpoint", ckpt, "--out", str(tmp_path / "out")]) == 2
     assert "none of the 2 images" in capsys.readouterr().err
+
+
+def test_threshold_sweep_table_png_and_json(model_and_data, tmp_path, capsys):
+    png = tmp_path / "sweep" / "test.png"
+    assert _evaluate(model_and_data, "--sweep-threshold", str(png), "--json", str(tmp_path / "res.json")) == 0
+    out = capsys.readouterr().out
+    assert "threshold sweep" in out and "N-acc" in out
+    sweep = json.loads(png.with_suffix(".json").read_text())["sweep"]
+    assert [r["threshold"] for r in sweep] == [round(0.05 * i, 2) for i in range(1, 20)]
+    assert png.is_file() and png.stat().st_size > 10_000
+    saved = json.loads((tmp_path / "res.json").read_text())["results"]
+    at_half = next(r for r in sweep if r["threshold"] == 0.5)
+    assert at_half["dmmi"] == saved["dmmi"] and at_half["gres"] == saved["gres"]  # > 0.5 is the paper's argmax
+    accs = [r["dmmi"]["Acc"] for r in sweep]
+    assert accs == sorted(accs)  # a higher threshold predicts fewer pixels: more zero-target samples empty
+    assert _evaluate(model_and_data, "--sweep-threshold", str(tmp_path / "x.txt")) == 2
+    assert "give a .png path" in capsys.readouterr().err
+
+
+def test_threshold_masks():
+    import torch
+
+    from dmmi.engine.evaluate import threshold_masks
+
+    logits = torch.tensor([[[[0.0, 1.0, -1.0]], [[0.0, 0.0, 0.0]]]])  # p(fg) = 0.5, 0.27, 0.73
+    assert threshold_masks(logits, None).tolist() == [[[False, False, True]]]
+    assert threshold_masks(logits, 0.5).tolist() == [[[False, False, True]]]
+    assert threshold_masks(logits, 0.2).tolist() == [[[True, True, True]]]
+    assert threshold_masks(logits, 0.8).tolist() == [[[False, False, False]]]
