@@ -237,7 +237,11 @@ def plot_sweep(sweep: list[dict], out_png: str | Path, title: str = "") -> Path:
                   if r[proto][x_key] is not None and r[proto][y_key] is not None]
         if points:
             xs, ys, ts = zip(*points)
-            ax.plot(xs, ys, "-o", color="#1f77b4", markersize=4)
+            ax.plot(xs, ys, "-o", color="#1f77b4", markersize=4, label="p(foreground) > t")
+            half = [(x, y) for x, y, t in points if abs(t - 0.5) < 1e-9]
+            if half:
+                ax.plot(*half[0], "o", color="#d62728", markersize=8, label="t = 0.5 (the paper's argmax)")
+            ax.legend(loc="best", fontsize=8)
             for x, y, t in points:
                 if round(t * 20) % 2 == 0 or abs(t - 0.5) < 1e-9:  # label every 0.1 (and 0.5, the argmax)
                     ax.annotate(f"{t:.1f}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)

@@ -219,7 +219,8 @@ def candidate_box_centres(candidate: torch.Tensor, xs: torch.Tensor, ys: torch.T
     label = index * inside  # (B, 1, h, w): own index + 1 on the candidates, 0 elsewhere
     for step in range(h + w):
         grown = F.max_pool2d(label, 3, stride=1, padding=1) * inside  # one ring further, inside only
-        if step % 4 == 3 and torch.equal(grown, label):  # settled (checked every 4 rounds: a host sync)
+        # settled (checked every 4 rounds: a host sync); torch.export (ONNX) cannot branch on data: all h + w rounds
+        if step % 4 == 3 and not torch.compiler.is_exporting() and torch.equal(grown, label):
             break
         label = grown
     label = label.long().flatten(1)  # (B, n): region label, 0 off the candidates
