@@ -47,25 +47,45 @@ class Prediction:
     text: str
     mask: np.ndarray  # (H, W) bool, at the input image's size
     foreground: float  # share of the image's pixels in the mask
+    score: Optional[float] = None  # the largest foreground probability: how sure the model is that something is referred
+    probability: Optional[np.ndarray] = None  # (S, S) float32 foreground probability at the model's input size
 
     @property
     def no_target(self) -> bool:
         return not bool(self.mask.any())
 
     def describe(self) -> str:
-        return "no target" if self.no_target else f"foreground {100 * self.foreground:.1f}%"
+        what = "no target" if self.no_target else f"foreground {100 * self.foreground:.1f}%"
+        return what if self.score is None else f"{what} (score {self.score:.2f})"
+
+
+def check_threshold(value, what: str = "threshold") -> Optional[float]:
+    """None (the paper's argmax) or a probability in [0, 1]."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise DmmiError(f"{what} must be a foreground probability in [0, 1] (or None: the argmax), got {value!r}")
+    return float(value)
 
 
 class Predictor:
     """Holds a model in eval mode, its tokenizer and its preprocessing.
 
     ``max_pixels``: the largest image accepted (width x height, None: no cap), refused before
-    decoding; ``expressions_per_call``: expressions per model forward.
+    decoding; ``expressions_per_call``: expressions per model forward. The no-target decision:
+    ``threshold`` (None: the paper's argmax of the two class maps, the same as > 0.5) makes the
+    mask the pixels whose foreground probability exceeds it; a mask smaller than ``min_area``
+    (a share of the image's pixels) counts as no target (an empty mask).
     """
 
     def __init__(self, model, cfg, *, device: str | torch.device = "auto", fast: bool = True, tokenizer=None,
-                 max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, expressions_per_call: int = EXPRESSIONS_PER_CALL):
+                 max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, expressions_per_call: int = EXPRESSIONS_PER_CALL,
+                 threshold: Optional[float] = None, min_area: float = 0.0):
         self.max_pixels = check_max_pixels(max_pixels)
+        self.threshold = check_threshold(threshold)
+        if isinstance(min_area, bool) or not isinstance(min_area, (int, float)) or not 0.0 <= min_area < 1.0:
+            raise DmmiError(f"min_area must be a share of the image in [0, 1), got {min_area!r}")
+        self.min_area = float(min_area)
         if isinstance(expressions_per_call, bool) or not isinstance(expressions_per_call, int) \
                 or expressions_per_call < 1:
             raise DmmiError(f"expressions_per_call must be a whole number >= 1, got {expressions_per_call!r}")
@@ -82,10 +102,12 @@ class Predictor:
     @classmethod
     def load(cls, checkpoint: str | Path, *, device: str | torch.device = "auto", fast: bool = True, tokenizer=None,
              expect_preset: Optional[str] = None, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
-             expressions_per_call: int = EXPRESSIONS_PER_CALL) -> "Predictor":
+             expressions_per_call: int = EXPRESSIONS_PER_CALL, threshold: Optional[float] = None,
+             min_area: float = 0.0) -> "Predictor":
+        threshold = check_threshold(threshold)  # before the model loads
         model, cfg = load_model_file(checkpoint, expect_preset=expect_preset)
         return cls(model, cfg, device=device, fast=fast, tokenizer=tokenizer, max_pixels=max_pixels,
-                   expressions_per_call=expressions_per_call)
+                   expressions_per_call=expressions_per_call, threshold=threshold, min_area=min_area)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, **kwargs) -> "Predictor":
@@ -137,13 +159,24 @@ class Predictor:
             mask = torch.tensor([e.attention_mask for e in chunk], device=self.device)  # (n, L)
             with autocast(self.device, self.fast):
                 logits = self.model(x.expand(len(chunk), -1, -1, -1), ids, mask).logits  # (n, 2, S, S)
+            probability = torch.softmax(logits.float(), dim=1)[:, 1]  # (n, S, S)
+            scores = probability.flatten(1).amax(1).tolist()  # (n,): one host copy per forward
             for j in range(len(chunk)):
                 up = F.interpolate(logits[j:j + 1].float(), size=size_hw, mode="bilinear",
                                    align_corners=False)[0]  # (2, H, W)
                 background, referred = up[0], up[1]
-                # == up.argmax(0) == 1, NaN counted as the maximum as argmax does, without an int64 (H, W)
-                m = (referred > background) | (referred.isnan() & ~background.isnan())
+                if self.threshold is None:
+                    # == up.argmax(0) == 1, NaN counted as the maximum as argmax does, without an int64 (H, W)
+                    m = (referred > background) | (referred.isnan() & ~background.isnan())
+                else:  # p = sigmoid(referred - background) > t, compared as logits
+                    t = min(max(self.threshold, 1e-12), 1 - 1e-12)
+                    m = (referred - background) > float(np.log(t / (1 - t)))
                 del up, background, referred
                 m = m.cpu().numpy()  # (H, W) bool
-                yield Prediction(text=texts[start + j], mask=m, foreground=np.count_nonzero(m) / m.size)
-            del logits
+                share = np.count_nonzero(m) / m.size
+                if self.min_area and share < self.min_area:  # too small to count: no target
+                    m[:] = False
+                    share = 0.0
+                yield Prediction(text=texts[start + j], mask=m, foreground=share, score=float(scores[j]),
+                                 probability=probability[j].cpu().numpy())
+            del logits, probability

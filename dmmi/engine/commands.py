@@ -52,6 +52,11 @@ def register(subparsers) -> None:
                    help="output folder: <image file name>__<NN>_<expression>_mask.png / _overlay.png")
     p.add_argument("--device", default="auto")
     p.add_argument("--reference", action="store_true", help="fp32 reference mode instead of the fast mode")
+    p.add_argument("--threshold", type=float, default=None, metavar="P",
+                   help="mask = pixels with foreground probability > P (default: the paper's argmax, = 0.5); "
+                        "higher: fewer false positives on expressions that refer to nothing")
+    p.add_argument("--min-area", type=float, default=0.0, metavar="SHARE",
+                   help="a mask smaller than this share of the image counts as no target (default 0)")
     p.add_argument("--max-pixels", type=int, default=None, metavar="N",
                    help="refuse images larger than N pixels (width x height; default 40 million)")
     p.set_defaults(func=cmd_predict)
@@ -211,7 +216,13 @@ def cmd_predict(args) -> int:
     out = Path(args.out)
     _check_writable(out)  # before the model is loaded
     device = resolve_device(args.device, option="--device", fix="--device cpu")
-    predictor = Predictor.load(args.checkpoint, device=device, fast=not args.reference, max_pixels=max_pixels)
+    from dmmi.inference import check_threshold
+
+    check_threshold(args.threshold, "--threshold")  # before the model loads
+    if not 0.0 <= args.min_area < 1.0:
+        raise DmmiError(f"--min-area must be a share of the image in [0, 1), got {args.min_area}")
+    predictor = Predictor.load(args.checkpoint, device=device, fast=not args.reference, max_pixels=max_pixels,
+                               threshold=args.threshold, min_area=args.min_area)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
