@@ -162,21 +162,60 @@ class Predictor:
             probability = torch.softmax(logits.float(), dim=1)[:, 1]  # (n, S, S)
             scores = probability.flatten(1).amax(1).tolist()  # (n,): one host copy per forward
             for j in range(len(chunk)):
-                up = F.interpolate(logits[j:j + 1].float(), size=size_hw, mode="bilinear",
-                                   align_corners=False)[0]  # (2, H, W)
-                background, referred = up[0], up[1]
-                if self.threshold is None:
-                    # == up.argmax(0) == 1, NaN counted as the maximum as argmax does, without an int64 (H, W)
-                    m = (referred > background) | (referred.isnan() & ~background.isnan())
-                else:  # p = sigmoid(referred - background) > t, compared as logits
-                    t = min(max(self.threshold, 1e-12), 1 - 1e-12)
-                    m = (referred - background) > float(np.log(t / (1 - t)))
-                del up, background, referred
-                m = m.cpu().numpy()  # (H, W) bool
-                share = np.count_nonzero(m) / m.size
-                if self.min_area and share < self.min_area:  # too small to count: no target
-                    m[:] = False
-                    share = 0.0
-                yield Prediction(text=texts[start + j], mask=m, foreground=share, score=float(scores[j]),
-                                 probability=probability[j].cpu().numpy())
+                yield self._prediction(texts[start + j], logits[j], probability[j], scores[j], size_hw)
             del logits, probability
+
+    def _prediction(self, text: str, logits: torch.Tensor, probability: torch.Tensor, score: float,
+                    size_hw: tuple[int, int]) -> Prediction:
+        """logits (2, S, S), probability (S, S) -> the Prediction at size_hw (the no-target decision applied)."""
+        up = F.interpolate(logits[None].float(), size=size_hw, mode="bilinear", align_corners=False)[0]  # (2, H, W)
+        background, referred = up[0], up[1]
+        if self.threshold is None:
+            # == up.argmax(0) == 1, NaN counted as the maximum as argmax does, without an int64 (H, W)
+            m = (referred > background) | (referred.isnan() & ~background.isnan())
+        else:  # p = sigmoid(referred - background) > t, compared as logits
+            t = min(max(self.threshold, 1e-12), 1 - 1e-12)
+            m = (referred - background) > float(np.log(t / (1 - t)))
+        del up, background, referred
+        m = m.cpu().numpy()  # (H, W) bool
+        share = np.count_nonzero(m) / m.size
+        if self.min_area and share < self.min_area:  # too small to count: no target
+            m[:] = False
+            share = 0.0
+        return Prediction(text=text, mask=m, foreground=share, score=float(score),
+                          probability=probability.cpu().numpy())
+
+    @torch.no_grad()
+    def predict_batch(self, images: Sequence[ImageLike],
+                      expressions: Sequence[str | Sequence[str]]) -> list[list[Prediction]]:
+        """Many images, each with its expression(s) -> per image the list of its Predictions.
+
+        The (image, expression) pairs of all images go through the model ``expressions_per_call``
+        at a time (a batch of different images), each mask at its own image's size. Every image is
+        loaded and every expression tokenized before the first forward (a bad one: DmmiError)."""
+        if len(images) != len(expressions):
+            raise DmmiError(f"predict_batch: {len(images)} images but {len(expressions)} lists of expressions")
+        loaded = []  # per image: (3, S, S) tensor, (H, W), texts, encoded
+        for n, (image, texts) in enumerate(zip(images, expressions)):
+            texts = [texts] if isinstance(texts, str) else list(texts)
+            if not texts:
+                raise DmmiError(f"predict_batch: image {n} has no expression")
+            pil = self._image(image)
+            encoded = [encode(self.tokenizer, t, self.max_tokens) for t in texts]
+            loaded.append((image_to_tensor(pil, self.size), (pil.size[1], pil.size[0]), texts, encoded))
+            del pil
+        pairs = [(i, k) for i, item in enumerate(loaded) for k in range(len(item[2]))]
+        out: list[list] = [[None] * len(item[2]) for item in loaded]
+        for start in range(0, len(pairs), self.expressions_per_call):
+            chunk = pairs[start:start + self.expressions_per_call]
+            x = torch.stack([loaded[i][0] for i, _ in chunk]).to(self.device)  # (n, 3, S, S)
+            ids = torch.tensor([loaded[i][3][k].input_ids for i, k in chunk], device=self.device)  # (n, L)
+            mask = torch.tensor([loaded[i][3][k].attention_mask for i, k in chunk], device=self.device)  # (n, L)
+            with autocast(self.device, self.fast):
+                logits = self.model(x, ids, mask).logits  # (n, 2, S, S)
+            probability = torch.softmax(logits.float(), dim=1)[:, 1]  # (n, S, S)
+            scores = probability.flatten(1).amax(1).tolist()
+            for j, (i, k) in enumerate(chunk):
+                out[i][k] = self._prediction(loaded[i][2][k], logits[j], probability[j], scores[j], loaded[i][1])
+            del logits, probability, x
+        return out

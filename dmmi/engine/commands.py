@@ -44,12 +44,18 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_evaluate)
 
     p = subparsers.add_parser("predict", help="segment what expressions refer to in an image (or a folder)")
-    p.add_argument("image", help="an image file or a folder of images")
-    p.add_argument("expressions", nargs="+", help="one or more English expressions")
+    p.add_argument("image", nargs="?", help="an image file or a folder of images")
+    p.add_argument("expressions", nargs="*", help="one or more English expressions")
+    p.add_argument("--jobs", default=None, metavar="JOBS.jsonl",
+                   help="batch mode: one {\"image\", \"expressions\"} per line; results (COCO RLE masks, scores) "
+                        "go to --out RESULTS.jsonl; a re-run skips the lines already done")
+    p.add_argument("--batch-jobs", type=int, default=8, metavar="N", help="jobs per model batch with --jobs (default 8)")
+    p.add_argument("--no-progress", action="store_true")
     p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True, metavar="MODEL",
                    help="a model: best.pt / a .safetensors file, a model directory or a Hub repo id (owner/name)")
-    p.add_argument("--out", default="predictions", metavar="DIR",
-                   help="output folder: <image file name>__<NN>_<expression>_mask.png / _overlay.png")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output folder: <image file name>__<NN>_<expression>_mask.png / _overlay.png (default "
+                        "predictions/); with --jobs: the results file")
     p.add_argument("--device", default="auto")
     p.add_argument("--reference", action="store_true", help="fp32 reference mode instead of the fast mode")
     p.add_argument("--threshold", type=float, default=None, metavar="P",
@@ -208,12 +214,16 @@ def cmd_predict(args) -> int:
     from dmmi.inference import Predictor
     from dmmi.visualize import overlay, save_mask_png
 
+    if args.jobs:
+        return _predict_jobs(args)
+    if not args.image or not args.expressions:
+        raise DmmiError("give an image (or a folder) and at least one expression, or --jobs JOBS.jsonl")
     for e in args.expressions:
         if not e.strip():
             raise DmmiError("empty expression: give some words, e.g. \"the dog on the left\"")
     max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else check_max_pixels(args.max_pixels, "--max-pixels")
     images = _images(Path(args.image))
-    out = Path(args.out)
+    out = Path(args.out or "predictions")
     _check_writable(out)  # before the model is loaded
     device = resolve_device(args.device, option="--device", fix="--device cpu")
     from dmmi.inference import check_threshold
@@ -252,6 +262,32 @@ def cmd_predict(args) -> int:
         raise DmmiError(f"none of the {failed} images in {args.image} could be read (the reasons are above)")
     if failed:
         print(f"skipped {failed} unreadable image(s)")
+    return 0
+
+
+def _predict_jobs(args) -> int:
+    """dmmi predict --jobs JOBS.jsonl --out RESULTS.jsonl (dmmi.jobs)."""
+    from dmmi.data.images import DEFAULT_MAX_PIXELS, check_max_pixels
+    from dmmi.engine.distributed import resolve_device
+    from dmmi.inference import Predictor, check_threshold
+    from dmmi.jobs import check_results_path, run_jobs
+
+    if args.image or args.expressions:
+        raise DmmiError("--jobs takes the images and expressions from its file: give no IMAGE / EXPRESSIONS")
+    jobs = Path(args.jobs)
+    if not jobs.is_file():
+        raise DmmiError(f"jobs file not found: {jobs}")
+    out = check_results_path(args.out, jobs)
+    _check_writable(out.parent, option="--out")
+    if args.batch_jobs < 1:
+        raise DmmiError(f"--batch-jobs must be >= 1, got {args.batch_jobs}")
+    check_threshold(args.threshold, "--threshold")
+    max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else check_max_pixels(args.max_pixels, "--max-pixels")
+    device = resolve_device(args.device, option="--device", fix="--device cpu")
+    predictor = Predictor.load(args.checkpoint, device=device, fast=not args.reference, max_pixels=max_pixels,
+                               threshold=args.threshold, min_area=args.min_area)
+    report = run_jobs(predictor, jobs, out, batch_jobs=args.batch_jobs, progress=not args.no_progress)
+    print(report.summary(out))
     return 0
 
 
