@@ -100,7 +100,9 @@ class WordQueryLayer(nn.Module):
         B, D, H, W = x.shape
         tokens = x.flatten(2).transpose(1, 2)  # (B, HW, D)
         if self.pos_embed:
-            tokens = tokens + sine_position_codes(H, W, D, x.device, tokens.dtype)
+            # torch.export traces with fake tensors: the cache would keep them for later eager calls
+            codes = sine_position_codes.__wrapped__ if torch.compiler.is_exporting() else sine_position_codes
+            tokens = tokens + codes(H, W, D, x.device, tokens.dtype)
         with attention_kernel(x.device, (H * W) ** 2):  # self-attention is the larger one
             tokens = self.layer(tokens, words, memory_key_padding_mask=word_pad)
         return tokens.transpose(1, 2).reshape(B, D, H, W)  # (B, D, H, W)
