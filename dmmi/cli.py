@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "dmmi.engine.commands",  # train, evaluate, predict, demo
     "dmmi.data.cli",  # data synth, data stats
     "dmmi.convert",  # convert
+    "dmmi.export",  # export
     "dmmi.info",  # presets
     "dmmi.serve",  # serve
 )
