@@ -219,10 +219,14 @@ def candidate_box_centres(candidate: torch.Tensor, xs: torch.Tensor, ys: torch.T
     inside = candidate[:, None].float()  # (B, 1, h, w)
     index = torch.arange(1, n + 1, device=xs.device, dtype=torch.float32).view(1, 1, h, w)  # exact below 2^24
     label = index * inside  # (B, 1, h, w): own index + 1 on the candidates, 0 elsewhere
+    # stop once settled (checked every 4 rounds) only eager on a CPU: on a GPU the check is a host sync,
+    # torch.compile (a graph break) and torch.export (ONNX) cannot branch on data; a settled map stays
+    # as it is, so all h + w rounds give the same labels
+    check = (label.device.type == "cpu" and not torch.compiler.is_compiling()
+             and not torch.compiler.is_exporting())
     for step in range(h + w):
         grown = F.max_pool2d(label, 3, stride=1, padding=1) * inside  # one ring further, inside only
-        # settled (checked every 4 rounds: a host sync); torch.export (ONNX) cannot branch on data: all h + w rounds
-        if step % 4 == 3 and not torch.compiler.is_exporting() and torch.equal(grown, label):
+        if check and step % 4 == 3 and torch.equal(grown, label):
             break
         label = grown
     label = label.long().flatten(1)  # (B, n): region label, 0 off the candidates

@@ -122,7 +122,9 @@ class TextEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids, attention_mask: (B, L) -> word features (B, L, Ct)."""
-        if self.frozen and self.cache_size and not torch.compiler.is_compiling():
+        # the cache reads the ids on the host: it steps aside under torch.compile and CUDA-graph capture
+        if (self.frozen and self.cache_size and not torch.compiler.is_compiling()
+                and not (input_ids.is_cuda and torch.cuda.is_current_stream_capturing())):
             return self._cached_forward(input_ids, attention_mask)
         return self._encode(input_ids, attention_mask)
 
