@@ -34,6 +34,7 @@ from dmmi.data.tokenize import encode, load_tokenizer
 from dmmi.data.images import DEFAULT_MAX_PIXELS, check_max_pixels, check_size, load_image
 from dmmi.data.transforms import image_to_tensor
 from dmmi.engine.distributed import resolve_device
+from dmmi.engine.compiled import GraphedForward
 from dmmi.engine.fastpath import autocast
 from dmmi.errors import DmmiError
 from dmmi.models.io import load_model_file
@@ -75,12 +76,15 @@ class Predictor:
     decoding; ``expressions_per_call``: expressions per model forward. The no-target decision:
     ``threshold`` (None: the paper's argmax of the two class maps, the same as > 0.5) makes the
     mask the pixels whose foreground probability exceeds it; a mask smaller than ``min_area``
-    (a share of the image's pixels) counts as no target (an empty mask).
+    (a share of the image's pixels) counts as no target (an empty mask). ``cuda_graphs`` (opt-in, CUDA
+    only): each forward replays a CUDA graph captured once per batch size
+    (:class:`dmmi.engine.compiled.GraphedForward`, the same logits within bf16 rounding); elsewhere it
+    changes nothing.
     """
 
     def __init__(self, model, cfg, *, device: str | torch.device = "auto", fast: bool = True, tokenizer=None,
                  max_pixels: Optional[int] = DEFAULT_MAX_PIXELS, expressions_per_call: int = EXPRESSIONS_PER_CALL,
-                 threshold: Optional[float] = None, min_area: float = 0.0):
+                 threshold: Optional[float] = None, min_area: float = 0.0, cuda_graphs: bool = False):
         self.max_pixels = check_max_pixels(max_pixels)
         self.threshold = check_threshold(threshold)
         if isinstance(min_area, bool) or not isinstance(min_area, (int, float)) or not 0.0 <= min_area < 1.0:
@@ -98,16 +102,20 @@ class Predictor:
         self.size = cfg.model.image_size
         self.max_tokens = cfg.model.max_tokens
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model.text_encoder)
+        # cuda_graphs: the forward replayed from a CUDA graph per batch size (dmmi.engine.compiled); CUDA only
+        self.graphed = GraphedForward(self.model, self.device, fast=fast) if cuda_graphs and \
+            self.device.type == "cuda" else None
 
     @classmethod
     def load(cls, checkpoint: str | Path, *, device: str | torch.device = "auto", fast: bool = True, tokenizer=None,
              expect_preset: Optional[str] = None, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
              expressions_per_call: int = EXPRESSIONS_PER_CALL, threshold: Optional[float] = None,
-             min_area: float = 0.0) -> "Predictor":
+             min_area: float = 0.0, cuda_graphs: bool = False) -> "Predictor":
         threshold = check_threshold(threshold)  # before the model loads
         model, cfg = load_model_file(checkpoint, expect_preset=expect_preset)
         return cls(model, cfg, device=device, fast=fast, tokenizer=tokenizer, max_pixels=max_pixels,
-                   expressions_per_call=expressions_per_call, threshold=threshold, min_area=min_area)
+                   expressions_per_call=expressions_per_call, threshold=threshold, min_area=min_area,
+                   cuda_graphs=cuda_graphs)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, **kwargs) -> "Predictor":
@@ -157,13 +165,19 @@ class Predictor:
             chunk = encoded[start:start + self.expressions_per_call]
             ids = torch.tensor([e.input_ids for e in chunk], device=self.device)  # (n, L)
             mask = torch.tensor([e.attention_mask for e in chunk], device=self.device)  # (n, L)
-            with autocast(self.device, self.fast):
-                logits = self.model(x.expand(len(chunk), -1, -1, -1), ids, mask).logits  # (n, 2, S, S)
+            logits = self._logits(x.expand(len(chunk), -1, -1, -1), ids, mask)  # (n, 2, S, S)
             probability = torch.softmax(logits.float(), dim=1)[:, 1]  # (n, S, S)
             scores = probability.flatten(1).amax(1).tolist()  # (n,): one host copy per forward
             for j in range(len(chunk)):
                 yield self._prediction(texts[start + j], logits[j], probability[j], scores[j], size_hw)
             del logits, probability
+
+    def _logits(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """images (n, 3, S, S), ids / mask (n, L) -> logits (n, 2, S, S): a CUDA graph's replay or eager."""
+        if self.graphed is not None:
+            return self.graphed(images, ids, mask)
+        with autocast(self.device, self.fast):
+            return self.model(images, ids, mask).logits
 
     def _prediction(self, text: str, logits: torch.Tensor, probability: torch.Tensor, score: float,
                     size_hw: tuple[int, int]) -> Prediction:
@@ -211,8 +225,7 @@ class Predictor:
             x = torch.stack([loaded[i][0] for i, _ in chunk]).to(self.device)  # (n, 3, S, S)
             ids = torch.tensor([loaded[i][3][k].input_ids for i, k in chunk], device=self.device)  # (n, L)
             mask = torch.tensor([loaded[i][3][k].attention_mask for i, k in chunk], device=self.device)  # (n, L)
-            with autocast(self.device, self.fast):
-                logits = self.model(x, ids, mask).logits  # (n, 2, S, S)
+            logits = self._logits(x, ids, mask)  # (n, 2, S, S)
             probability = torch.softmax(logits.float(), dim=1)[:, 1]  # (n, S, S)
             scores = probability.flatten(1).amax(1).tolist()
             for j, (i, k) in enumerate(chunk):
