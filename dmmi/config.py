@@ -162,7 +162,8 @@ class TrainConfig:
     fast: bool = True  # bf16 autocast, channels_last, fused AdamW on GPU; False = reference mode
     cpu_bf16: bool = False  # fast mode on CPU: bf16 autocast too, where the CPU has native bf16 (AMX)
     schedule: str = "epochs"  # poly decay over `epochs` | "budget": over max_minutes / max_steps when sooner
-    compile: bool = False
+    compile: bool = False  # forward + loss as one torch.compile graph (fullgraph, static shapes); backward compiled too
+    grad_checkpoint: bool = False  # activation checkpointing of the trainable visual stages: less memory, ~1 more forward
     log_every: int = 10
     eval_every: int = 1  # epochs
 

@@ -40,10 +40,11 @@ from dmmi.data.tokenize import load_tokenizer
 from dmmi.engine import checkpoint as ckpt
 from dmmi.engine.distributed import DistInfo, agree_max, barrier, cleanup, gather_objects, init_distributed
 from dmmi.engine.evaluate import evaluation_loader, run_evaluation, selection_score
-from dmmi.engine.fastpath import autocast, cpu_has_native_bf16, prepare_model
+from dmmi.engine.compiled import loss_step
+from dmmi.engine.fastpath import cpu_has_native_bf16, prepare_model
 from dmmi.engine.optim import build_optimizer, poly_scheduler
 from dmmi.errors import DmmiError
-from dmmi.losses import LossTerms, dmmi_loss
+from dmmi.losses import LossTerms
 from dmmi.models import build_model
 from dmmi.models.io import save_model_file
 
@@ -325,6 +326,7 @@ class Trainer:
     def _setup_model(self) -> None:
         tc, info = self.tc, self.info
         model = prepare_model(build_model(self.cfg.model), self.device, fast=tc.fast, compile=False)
+        model.visual.set_grad_checkpointing(tc.grad_checkpoint)
         if info.distributed:
             if self.device.type == "cuda":
                 model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -333,7 +335,6 @@ class Trainer:
             self.core = self.ddp.module
         else:
             self.ddp = self.core = model
-        self.step_model = torch.compile(self.ddp) if tc.compile else self.ddp
         scaled, self.lr_note = scaled_learning_rates(tc)
         self.optimizer = build_optimizer(self.core, scaled, fused=tc.fast)
         self.budget_s = tc.max_minutes * 60 if tc.max_minutes else math.inf
@@ -345,6 +346,10 @@ class Trainer:
             self.cpu_bf16 = False
             if info.is_main:
                 self.log("train.cpu_bf16: this CPU has no native bf16 (AMX / AVX512-BF16): training in fp32")
+        # forward + loss of a micro-batch; train.compile: one fullgraph torch.compile graph (DDP: its
+        # DDPOptimizer splits it at the gradient buckets)
+        self.loss_step = loss_step(self.ddp, self.cfg.loss, self.device, fast=tc.fast, cpu_bf16=self.cpu_bf16,
+                                   compat=self.cfg.model.compat == "ris-dmmi", compile=tc.compile)
 
     def _budget_progress(self, step: int) -> float:
         """train.schedule=budget: the share of max_minutes / max_steps spent, on the agreed clock."""
@@ -520,10 +525,8 @@ class Trainer:
 
     def _forward_backward(self, batch: dict, scale: float) -> LossTerms:
         batch = to_device(batch, self.device)
-        with autocast(self.device, self.tc.fast, cpu_bf16=self.cpu_bf16):
-            out = self.step_model(batch["image"], batch["input_ids"], batch["attention_mask"], batch["erased_ids"])
-        terms = dmmi_loss(out, batch["mask"], batch["attention_mask"], batch["delta"], self.cfg.loss,
-                          compat=self.cfg.model.compat == "ris-dmmi")  # fp32 whatever the autocast
+        terms = self.loss_step(batch["image"], batch["input_ids"], batch["attention_mask"], batch["erased_ids"],
+                               batch["mask"], batch["delta"])  # fp32 terms whatever the autocast
         (terms.total * scale).backward()
         return terms
 

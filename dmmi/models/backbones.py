@@ -14,6 +14,7 @@ the same small interface over a timm model:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from pathlib import Path
@@ -42,6 +43,7 @@ class StageBackbone(nn.Module):
     widths: tuple[int, int, int, int]
     channels_last: bool = False
     frozen_stages: int = 0
+    grad_checkpointing: bool = False
 
     def stem(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -65,6 +67,18 @@ class StageBackbone(nn.Module):
         for m in self._frozen_modules():
             m.requires_grad_(False)
             m.eval()
+        self.set_grad_checkpointing(self.grad_checkpointing)  # frozen stages are never checkpointed
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of the trainable stages (not in the paper; ``train.grad_checkpoint``):
+        in training each block keeps only its input and runs again in backward (less memory, about
+        one more forward of the stages). Frozen stages save nothing for backward and are left alone."""
+        self.grad_checkpointing = bool(enable)
+
+    def _checkpointed(self, index: int) -> bool:
+        """Checkpoint stage ``index`` in this call: on, trainable, training, with gradients."""
+        return (self.grad_checkpointing and index >= self.frozen_stages and self.training
+                and torch.is_grad_enabled())
 
     def _frozen_modules(self) -> list[nn.Module]:
         if not self.frozen_stages:
@@ -182,6 +196,12 @@ class SwinBackbone(StageBackbone):
             blk.drop_path2 = DropPath(rate) if rate > 0 else nn.Identity()
         self.widths = tuple(int(embed_dim * 2**i) for i in range(4))
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        super().set_grad_checkpointing(enable)
+        self.body.set_grad_checkpointing(self.grad_checkpointing)  # timm: checkpoint_seq over each stage's blocks
+        for i in range(self.frozen_stages):
+            self.body.layers[i].grad_checkpointing = False
+
     def stem(self, images):
         return self.body.patch_embed(images)  # (B, H/4, W/4, C1)
 
@@ -207,6 +227,44 @@ class SwinBackbone(StageBackbone):
 # --------------------------------------------------------------------------------------
 # CNNs (ResNet-101, EfficientNet-Lite0)
 # --------------------------------------------------------------------------------------
+class _KeepBatchNormStatistics:
+    """Around a checkpoint's recomputation: BatchNorm running statistics (and batch counts) as they
+    were, so that a checkpointed block updates them once per step, as without checkpointing."""
+
+    def __init__(self, blocks):
+        self.norms = [m for b in blocks for m in b.modules()
+                      if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+    def __enter__(self):
+        self.saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+                      for m in self.norms]
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for m, (mean, var, count) in zip(self.norms, self.saved):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+        return False
+
+
+def checkpoint_blocks(blocks: list, x: torch.Tensor) -> torch.Tensor:
+    """Run ``blocks`` in order, each activation-checkpointed (non-reentrant; RNG replayed), with
+    BatchNorm statistics updated once per step: eager through :class:`_KeepBatchNormStatistics`,
+    under torch.compile by AOTAutograd itself (it applies a buffer mutation once; it also takes no
+    ``context_fn``). x (B, C, H, W) -> (B, C', H', W')."""
+    from torch.utils.checkpoint import checkpoint
+
+    compiling = torch.compiler.is_compiling()
+    for block in blocks:
+        if compiling:
+            x = checkpoint(block, x, use_reentrant=False)
+        else:
+            x = checkpoint(block, x, use_reentrant=False,
+                           context_fn=lambda b=block: (contextlib.nullcontext(), _KeepBatchNormStatistics([b])))
+    return x
+
+
 class ResNetBackbone(StageBackbone):
     """timm ResNet-101 (torchvision layout): stem + layer1..layer4, NCHW."""
 
@@ -223,7 +281,10 @@ class ResNetBackbone(StageBackbone):
         return b.maxpool(b.act1(b.bn1(b.conv1(images))))  # (B, 64, H/4, W/4)
 
     def stage(self, index, x):
-        return getattr(self.body, f"layer{index + 1}")(x)  # (B, C_i, H_i, W_i)
+        layer = getattr(self.body, f"layer{index + 1}")
+        if self._checkpointed(index):
+            return checkpoint_blocks(list(layer), x)
+        return layer(x)  # (B, C_i, H_i, W_i)
 
     def stem_modules(self):
         return [self.body.conv1, self.body.bn1]
@@ -266,6 +327,8 @@ class EfficientNetLiteBackbone(StageBackbone):
             with torch.autocast("cpu", enabled=False):
                 return self.stage(index, x.float())
         start, end = self.STAGE_BLOCKS[index]
+        if self._checkpointed(index):
+            return checkpoint_blocks([self.body.blocks[j] for j in range(start, end)], x)
         for j in range(start, end):
             x = self.body.blocks[j](x)
         return x  # (B, C_i, H_i, W_i)
