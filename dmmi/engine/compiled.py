@@ -75,7 +75,8 @@ class GraphedForward:
     At most ``max_graphs`` graphs are kept, each with its own memory pool (least recently used go
     first). In fast mode the capture runs under bf16 autocast, as :func:`~dmmi.engine.fastpath.autocast`.
     Off CUDA (or ``enabled=False``) it calls the model eagerly under the mode's autocast. Moving the
-    model or replacing its parameters drops the graphs (checked on each call), as :meth:`reset` does.
+    model drops the graphs (checked on each call), as :meth:`reset` does; new weights loaded in place
+    (``load_state_dict``) are replayed as they are.
     """
 
     def __init__(self, model: nn.Module, device, *, fast: bool, warmup: int = 3, max_graphs: int = 8,
@@ -85,7 +86,8 @@ class GraphedForward:
         self.active = bool(enabled) and self.device.type == "cuda"
         self.warmup, self.max_graphs = warmup, max_graphs
         self._graphs: OrderedDict = OrderedDict()  # key -> _Captured
-        self._weights: Optional[tuple] = None  # parameter addresses the graphs were captured with
+        self._params = list(model.parameters())  # .to() / .cuda() change their addresses in place
+        self._weights: Optional[tuple] = None  # (first, last) parameter address the graphs were captured with
         self.captures = 0
 
     def reset(self) -> None:
@@ -102,8 +104,13 @@ class GraphedForward:
     def __call__(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return self._eager(images, input_ids, attention_mask)
-        weights = tuple(p.data_ptr() for p in self.model.parameters())
-        if weights != self._weights:  # moved or new parameters: the captured addresses are stale
+        # normal (not inference-mode) tensors, so that callers under no_grad and inference_mode share the graphs
+        with torch.inference_mode(False), torch.no_grad():
+            return self._replay(images, input_ids, attention_mask)
+
+    def _replay(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        weights = (self._params[0].data_ptr(), self._params[-1].data_ptr()) if self._params else ()
+        if weights != self._weights:  # a moved model: the captured addresses are stale
             self.reset()
             self._weights = weights
         key = tuple((tuple(t.shape), t.dtype) for t in (images, input_ids, attention_mask))
@@ -120,8 +127,8 @@ class GraphedForward:
         return entry.logits.clone()
 
     def _capture(self, images, input_ids, attention_mask) -> _Captured:
-        inputs = tuple(torch.empty(t.shape, dtype=t.dtype, device=self.device).copy_(t)
-                       for t in (images, input_ids, attention_mask))  # static buffers, contiguous
+        inputs = tuple(torch.empty_like(t, memory_format=torch.preserve_format).copy_(t)
+                       for t in (images, input_ids, attention_mask))  # static buffers (an expanded view: dense)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):

@@ -7,14 +7,18 @@ functionalisation, the partition into forward and backward), run by eager kernel
 minute of CI. ``DMMI_COMPILE_BACKEND=inductor`` runs the same tests through inductor's C++
 kernels (about 10 minutes with a cold cache on a 2-core CPU).
 
-Tolerances, dmmi_tiny at 64 px, batch 2, fp32, against the eager model:
-* aot_eager: loss terms and logits within 1e-5 (measured <= 2e-7), gradients within
-  1e-5 + 1e-4 relative (measured 1.3e-6 at most).
-* inductor: loss terms within 1e-4 (measured 6e-5: the ill-conditioned InstanceNorm over the
-  2 x 2 map of stage 4 magnifies reordered sums), logits 1e-5 (2.2e-6), gradients
-  1e-4 + 1e-3 relative (3.2e-5).
+Tolerances, dmmi_tiny at 64 px, batch 2, fp32, against the eager model (gradients up to 0.42):
+* aot_eager: loss terms and logits within 1e-5 (measured <= 2e-7), each gradient within
+  1e-5 + 1e-4 relative (measured 1.3e-6 at most), all gradients together within 1e-4 of their
+  norm.
+* inductor: loss terms within 1e-4 (measured 5e-5), logits 1e-5 (3.5e-6), each gradient within
+  1e-2 (measured 3.7e-3), all together within 2e-2 of their norm (measured 6e-5 - 6.7e-3 over
+  three batches; eager fp32 itself is 7e-6 - 5.5e-4 from fp64 on them). The gap is inductor's
+  CPU kernels' arithmetic, not the graph: the compiled weighted cross-entropy over 8,192 pixels
+  is 5e-5 off the eager one on the same logits, and ``aot_eager_decomp_partition`` (inductor's
+  decompositions and partitioner, eager kernels) matches eager to 1e-5.
 Parameters whose gradient is zero in exact arithmetic (biases before an InstanceNorm: ~1e-11)
-fall under the absolute term.
+fall under the absolute terms.
 """
 
 from __future__ import annotations
@@ -33,9 +37,8 @@ from dmmi.models import build_model
 from dmmi.models.decoders import LocationPrior
 
 BACKEND = os.environ.get("DMMI_COMPILE_BACKEND", "aot_eager")
-TOL = {"aot_eager": dict(loss=1e-5, logits=1e-5, grad_atol=1e-5, grad_rtol=1e-4),
-       "inductor": dict(loss=1e-4, logits=1e-5, grad_atol=1e-4, grad_rtol=1e-3)}.get(
-    BACKEND, dict(loss=1e-4, logits=1e-5, grad_atol=1e-4, grad_rtol=1e-3))
+_INDUCTOR = dict(loss=1e-4, logits=1e-5, grad_atol=1e-2, grad_rtol=0.0, grad_norm=2e-2)
+TOL = {"aot_eager": dict(loss=1e-5, logits=1e-5, grad_atol=1e-5, grad_rtol=1e-4, grad_norm=1e-4)}.get(BACKEND, _INDUCTOR)
 NO_DROPOUT = ["model.text_config.hidden_dropout_prob=0.0", "model.text_config.attention_probs_dropout_prob=0.0"]
 B, S, L = 2, 64, 20  # tokens padded to model.max_tokens (20): static shapes
 
@@ -80,6 +83,8 @@ def _assert_same(terms, grads, ref_terms, ref_grads):
     assert set(grads) == set(ref_grads)
     for n in ref_grads:
         torch.testing.assert_close(grads[n], ref_grads[n], atol=TOL["grad_atol"], rtol=TOL["grad_rtol"], msg=n)
+    flat, ref = torch.cat([grads[n].flatten() for n in ref_grads]), torch.cat([g.flatten() for g in ref_grads.values()])
+    assert (flat - ref).norm() <= TOL["grad_norm"] * ref.norm()
 
 
 def test_compile_options_are_one_static_graph():
