@@ -48,6 +48,8 @@ def common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu-bf16", action="store_true", help="fast mode on CPU uses bf16 autocast too")
     parser.add_argument("--compile", nargs="?", const="default", default=False, metavar="MODE",
                         help="fast mode also uses torch.compile (optionally a mode: reduce-overhead, max-autotune)")
+    parser.add_argument("--compile-backend", default=None, metavar="NAME",
+                        help="torch.compile backend for --compile (default inductor; aot_eager: a quick CPU dry run)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, as in `dmmi train --set` (repeatable)")
@@ -139,6 +141,21 @@ def machine_info(device: torch.device) -> dict:
         info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
         info["cudnn"] = torch.backends.cudnn.version()
     return info
+
+
+# bf16 dense matrix peak (TFLOP/s) that achieved rates are compared with, by GPU name. H100 / H200
+# SXM: 790, the rate an 8192^3 bf16 matmul reached on random data on this workplace's H200s
+# (769-798, /work/.library/device/KINDS.md); the datasheet's dense bf16 figure is about 990.
+GPU_BF16_PEAK_TFLOPS = {"H200": 790.0, "H100": 790.0}
+GPU_BF16_DATASHEET_TFLOPS = {"H200": 989.0, "H100": 989.0}
+
+
+def gpu_bf16_peak(gpu_name: Optional[str]) -> tuple[Optional[float], Optional[float]]:
+    """GPU name -> (measured bf16 dense peak, datasheet figure) in TFLOP/s; (None, None) if unknown."""
+    for key, peak in GPU_BF16_PEAK_TFLOPS.items():
+        if gpu_name and key in gpu_name.upper():
+            return peak, GPU_BF16_DATASHEET_TFLOPS.get(key)
+    return None, None
 
 
 def device_tag(info: dict) -> str:

@@ -11,7 +11,11 @@ per call, images/s = batch / median call time. On CPU the process CPU time per c
 recorded too (``cpu_ms``): on a machine shared with other jobs it is the steadier figure.
 Peak memory (CUDA): one model's weights + the peak above them during one throughput call.
 With --mode both the two modes run interleaved (ref, fast, ref, fast, ...) so that a noisy
-machine slows both alike.
+machine slows both alike. ``--cuda-graphs``: fast mode replays CUDA graphs
+(``dmmi.engine.compiled.GraphedForward``, what ``Predictor(cuda_graphs=True)`` runs: one capture
+per batch size in the warm-up, then a copy of the inputs in, a replay and a copy of the logits
+out per call; on a CPU it changes nothing). ``--compile [MODE]``: fast mode through
+``torch.compile(fullgraph=True, dynamic=False)``.
 Writes results/inference_<preset>_<size>_<device>.{json,md}.
 """
 
@@ -24,6 +28,7 @@ import os
 import _common as C
 import torch
 
+from dmmi.engine.compiled import GraphedForward, compile_options
 from dmmi.engine.fastpath import autocast, configure_backends, describe, prepare_images, prepare_model
 
 
@@ -35,6 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=None, help="timed calls per measurement (default 50 GPU, 10 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 10 GPU, 2 CPU)")
     p.add_argument("--no-throughput", action="store_true", help="batch-1 latency only")
+    p.add_argument("--cuda-graphs", action="store_true", help="fast mode replays CUDA graphs (GraphedForward)")
     return p.parse_args(argv)
 
 
@@ -49,15 +55,22 @@ def run_preset(preset: str, args, device: torch.device, info: dict) -> dict:
     models = {}
     for mode in C.modes(args.mode):
         fast = mode == "fast"
-        models[mode] = prepare_model(copy.deepcopy(base), device, fast=fast, compile=fast and args.compile).eval()
+        models[mode] = prepare_model(copy.deepcopy(base), device, fast=fast).eval()
     del base
+    runners = {mode: models[mode] for mode in models}
+    if "fast" in models and args.compile:
+        runners["fast"] = torch.compile(models["fast"], **compile_options(args.compile, args.compile_backend))
+    graphed = GraphedForward(models["fast"], device, fast=True) if "fast" in models and args.cuda_graphs else None
 
     def call(mode, inputs):
         fast = mode == "fast"
         configure_backends(device, fast)
         images = prepare_images(inputs["images"], device, fast)
+        if fast and graphed is not None:
+            with torch.inference_mode():
+                return graphed(images, inputs["input_ids"], inputs["attention_mask"])
         with torch.inference_mode(), autocast(device, fast, cpu_bf16=args.cpu_bf16):
-            return models[mode](images, inputs["input_ids"], inputs["attention_mask"]).logits
+            return runners[mode](images, inputs["input_ids"], inputs["attention_mask"]).logits
 
     def measure(inputs, n):
         for mode in models:
@@ -86,6 +99,8 @@ def run_preset(preset: str, args, device: torch.device, info: dict) -> dict:
                 call(mode, many)
                 torch.cuda.synchronize(device)
                 peak[mode] = round((torch.cuda.max_memory_allocated(device) - base + weights) / 2**20, 1)
+                if mode == "fast" and graphed is not None:  # the graphs' pools were taken at capture: not seen here
+                    peak[mode] = None
 
     rows = []
     for mode in models:
@@ -94,7 +109,9 @@ def run_preset(preset: str, args, device: torch.device, info: dict) -> dict:
                "latency_min_ms": lat["min_ms"], "latency": lat,
                "latency_cpu_ms": None if gpu else lat["cpu_median_ms"],
                "setup": describe(device, mode == "fast", cpu_bf16=args.cpu_bf16,
-                                 compile=args.compile if mode == "fast" else False)}
+                                 compile=args.compile if mode == "fast" else False),
+               "cuda_graphs": bool(mode == "fast" and graphed is not None and graphed.active),
+               "graph_captures": graphed.captures if mode == "fast" and graphed is not None else None}
         if throughput is not None:
             tp = C.summary(throughput[mode])
             row.update(batch=batch, throughput_img_s=round(batch / (tp["median_ms"] / 1000), 2), batch_call=tp)

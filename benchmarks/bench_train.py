@@ -12,6 +12,14 @@ RSS before the first step. On CPU the process CPU time per step is recorded too
 (``images_per_cpu_s``): on a machine shared with other jobs it is the steadier figure.
 Each mode runs in its own process (clean memory peak, clean flags); --rounds R repeats the
 pair R times alternately and reports the median, so a busy machine slows both modes alike.
+Model FLOPs per step: counted once, on one eager step (forward + loss + backward) under
+``torch.utils.flop_counter.FlopCounterMode`` (matrix products, convolutions, attention; the
+optimiser's elementwise work and a checkpoint's recomputation are not model FLOPs). Achieved
+rate = FLOPs x steps / wall time; on a GPU also its share of the bf16 dense peak
+(``_common.GPU_BF16_PEAK_TFLOPS``: 790 TFLOP/s for H100 / H200, what a large bf16 matmul reached
+there; ``--peak-tflops`` overrides). ``--compile`` runs the trainer's compiled step
+(``dmmi.engine.compiled.loss_step``: forward + loss as one fullgraph graph);
+``--grad-checkpoint`` turns on ``train.grad_checkpoint``.
 Writes results/train_<preset>_<size>_b<batch>_<device>.{json,md}.
 """
 
@@ -39,6 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 20 GPU, 3 CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 GPU, 2 CPU)")
     p.add_argument("--rounds", type=int, default=1, help="repeat (reference, fast) this many times")
+    p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing of the visual stages")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="bf16 dense peak to compare with (default: by GPU name, _common.GPU_BF16_PEAK_TFLOPS)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after the timing, profile N more steps and print the top kernels/ops (torch.profiler)")
     p.add_argument("--worker", choices=("fast", "reference"), help=argparse.SUPPRESS)
@@ -47,9 +58,9 @@ def parse_args(argv=None):
 
 def worker(args) -> dict:
     """One mode in this process; prints its record after MARK."""
-    from dmmi.engine.fastpath import autocast, describe, fused_adamw_ok, prepare_images, prepare_model
+    from dmmi.engine.compiled import loss_step
+    from dmmi.engine.fastpath import describe, fused_adamw_ok, prepare_images, prepare_model
     from dmmi.engine.optim import build_optimizer
-    from dmmi.losses import dmmi_loss
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -62,26 +73,34 @@ def worker(args) -> dict:
     steps = args.steps or (20 if gpu else 3)
     warmup = args.warmup if args.warmup is not None else (5 if gpu else 2)
     cfg = C.preset_config(args.preset, args.size, args.text, args.overrides)
-    model = prepare_model(C.build(cfg), device, fast=fast, compile=fast and args.compile).train()
+    model = prepare_model(C.build(cfg), device, fast=fast).train()
     fused = fast and fused_adamw_ok(model)
     opt = build_optimizer(model, cfg.train, fused=fused)
     batch = C.fake_batch(cfg, args.batch, args.tokens, device)
     images = prepare_images(batch["images"], device, fast)
-    compat = cfg.model.compat == "ris-dmmi"
+    inputs = (images, batch["input_ids"], batch["attention_mask"], batch["erased_ids"], batch["target"], batch["delta"])
+    compiled = fast and args.compile
+    common = dict(fast=fast, cpu_bf16=args.cpu_bf16, compat=cfg.model.compat == "ris-dmmi")
+    eager_step = loss_step(model, cfg.loss, device, **common)
+    forward_loss = loss_step(model, cfg.loss, device, **common, compile=compiled,
+                             backend=args.compile_backend) if compiled else eager_step
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with autocast(device, fast, cpu_bf16=args.cpu_bf16):
-            out = model(images, batch["input_ids"], batch["attention_mask"], batch["erased_ids"])
-            loss = dmmi_loss(out, batch["target"], batch["attention_mask"], batch["delta"], cfg.loss,
-                             compat=compat).total
+        loss = forward_loss(*inputs).total
         loss.backward()
         opt.step()
         return loss
 
+    model.visual.set_grad_checkpointing(args.grad_checkpoint)
     rss_before = C.current_rss_mib()
-    for _ in range(warmup):
+    first_step_s = None
+    for i in range(warmup):
+        t = time.perf_counter()
         step()
+        if i == 0:
+            C.sync(device)
+            first_step_s = time.perf_counter() - t  # compilation / autotuning included
     if gpu:  # after the warm-up: cuDNN autotuning's workspaces and compilation do not count
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -97,11 +116,15 @@ def worker(args) -> dict:
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     if args.profile:
         print_profile(step, args.profile, device, f"{args.preset} {args.worker}")
+    peak_rss = C.peak_rss_mib()  # before the FLOP count's step
     record = {
         "mode": args.worker,
         "setup": describe(device, fast, cpu_bf16=args.cpu_bf16, compile=args.compile if fast else False),
+        "compile_backend": (args.compile_backend or "inductor") if compiled else None,
+        "grad_checkpoint": bool(args.grad_checkpoint),
         "fused_adamw": bool(fused), "batch": args.batch, "steps": steps, "warmup": warmup,
         "seconds": round(wall, 4), "step_ms": round(1000 * wall / steps, 2),
+        "first_step_s": round(first_step_s, 2) if first_step_s is not None else None,
         "images_per_s": round(args.batch * steps / wall, 3), "final_loss": float(loss.detach().float()),
         "parameters": sum(p.numel() for p in model.parameters()),
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
@@ -115,10 +138,39 @@ def worker(args) -> dict:
         record["peak_mem_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         record["peak_reserved_mib"] = round(torch.cuda.max_memory_reserved(device) / 2**20, 1)
     else:
-        record["peak_rss_mib"] = round(C.peak_rss_mib(), 1)
+        record["peak_rss_mib"] = round(peak_rss, 1)
         record["rss_before_steps_mib"] = round(rss_before, 1)
-        record["peak_mem_mib"] = round(C.peak_rss_mib() - rss_before, 1)  # the steps' rise
+        record["peak_mem_mib"] = round(peak_rss - rss_before, 1)  # the steps' rise
+    model.visual.set_grad_checkpointing(False)  # model FLOPs: no recomputation
+    record.update(flop_figures(count_flops(model, eager_step, inputs), steps, wall, device, args.peak_tflops))
     return record
+
+
+def count_flops(model, forward_loss, inputs) -> int:
+    """Model FLOPs of one forward + loss + backward (FlopCounterMode), checkpointing off; no
+    optimiser step, gradients cleared after."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.zero_grad(set_to_none=True)
+    with FlopCounterMode(display=False) as counter:
+        forward_loss(*inputs).total.backward()
+    model.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
+def flop_figures(flops: int, steps: int, wall: float, device: torch.device, peak: float | None) -> dict:
+    """FLOPs per step -> the achieved rate and, on a GPU, its share of the bf16 dense peak."""
+    rate = flops * steps / wall  # FLOP/s
+    out = {"gflop_per_step": round(flops / 1e9, 2), "achieved_gflops": round(rate / 1e9, 2)}
+    if device.type == "cuda":
+        name = torch.cuda.get_device_properties(device).name
+        measured, datasheet = C.gpu_bf16_peak(name)
+        peak = peak or measured
+        out.update(achieved_tflops=round(rate / 1e12, 2), peak_tflops_bf16=peak,
+                   peak_share=round(rate / 1e12 / peak, 4) if peak else None,
+                   datasheet_tflops_bf16=datasheet,
+                   datasheet_share=round(rate / 1e12 / datasheet, 4) if datasheet else None)
+    return out
 
 
 def print_profile(step, n: int, device: torch.device, title: str) -> None:
@@ -149,7 +201,8 @@ def run_worker(mode: str, argv: list[str]) -> dict:
 
 COLUMNS = [("preset", "preset"), ("size", "size"), ("batch", "batch"), ("mode", "mode"),
            ("images_per_s", "images/s"), ("step_ms", "ms/step"), ("images_per_cpu_s", "images per CPU-s"),
-           ("peak_mem_mib", "peak mem (MiB)"), ("throughput_ratio", "throughput vs reference"),
+           ("peak_mem_mib", "peak mem (MiB)"), ("gflop_per_step", "GFLOP/step"), ("achieved_gflops", "GFLOP/s"),
+           ("achieved_tflops", "TFLOP/s"), ("peak_share", "of bf16 peak"), ("throughput_ratio", "throughput vs reference"),
            ("cpu_throughput_ratio", "per CPU-s vs reference"), ("memory_ratio", "peak mem vs reference")]
 
 
@@ -178,7 +231,13 @@ def main(argv=None):
         rows.append({"preset": args.preset, "size": cfg.model.image_size, "batch": args.batch, "mode": mode,
                      "images_per_s": round(statistics.median(ips), 3),
                      "step_ms": round(1000 * args.batch / statistics.median(ips), 1),
-                     "peak_mem_mib": round(statistics.median(mem), 1), "runs": recs})
+                     "peak_mem_mib": round(statistics.median(mem), 1),
+                     "gflop_per_step": recs[0]["gflop_per_step"],
+                     "achieved_gflops": round(statistics.median(x["achieved_gflops"] for x in recs), 2),
+                     "runs": recs})
+        if recs[0].get("peak_share") is not None:
+            rows[-1]["achieved_tflops"] = round(statistics.median(x["achieved_tflops"] for x in recs), 2)
+            rows[-1]["peak_share"] = round(statistics.median(x["peak_share"] for x in recs), 4)
         if "images_per_cpu_s" in recs[0]:
             rows[-1]["images_per_cpu_s"] = round(statistics.median(x["images_per_cpu_s"] for x in recs), 3)
     if len(rows) == 2:
@@ -200,7 +259,8 @@ def main(argv=None):
           f" ({params / 1e6:.1f} M parameters, text encoder: {args.text})\n\n"
           f"{C.markdown_table(rows, COLUMNS)}\n\n"
           f"Peak memory: {mem_note}. Median of {args.rounds} round(s) of {rows[0]['runs'][0]['steps']} steps after "
-          f"{rows[0]['runs'][0]['warmup']} warm-up step(s).\n"
+          f"{rows[0]['runs'][0]['warmup']} warm-up step(s). GFLOP/step: model FLOPs of one step (FlopCounterMode);"
+          f" bf16 peak: {rows[0]['runs'][0].get('peak_tflops_bf16') or '–'} TFLOP/s.\n"
           f"Machine: {C.machine_line(info)}; load average at end {info['load_average_at_end'][0]}.\n")
     paths = C.write_results(args.out, name, record, md)
     print(md)
