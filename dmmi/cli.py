@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 
@@ -43,8 +44,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrNotes(logging.Handler):
+    """The ``dmmi`` logger's notes (e.g. the Predictor's domain note) as plain lines on the current stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"dmmi: {record.getMessage()}", file=sys.stderr)
+
+
+def _console_notes() -> None:
+    logger = logging.getLogger("dmmi")
+    if not any(isinstance(h, _StderrNotes) for h in logger.handlers):
+        logger.addHandler(_StderrNotes(logging.INFO))
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub unless the user asks
+    _console_notes()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

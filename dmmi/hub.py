@@ -55,6 +55,11 @@ def looks_like_repo_id(name: str) -> bool:
 def save_pretrained(model: torch.nn.Module, cfg, directory: str | Path, *, extra: Optional[dict] = None) -> Path:
     """Write ``model`` (weights) and ``cfg`` (a Config) as a model directory, each file atomically.
     ``extra``: plain data for config.json and the card (``{"val": results, "step": N}``)."""
+    return save_state_pretrained({k: v.detach() for k, v in model.state_dict().items()}, cfg, directory, extra=extra)
+
+
+def save_state_pretrained(state: dict, cfg, directory: str | Path, *, extra: Optional[dict] = None) -> Path:
+    """:func:`save_pretrained` from a state dict (e.g. a checkpoint's ``model`` entry)."""
     from dmmi import __version__
 
     directory = Path(directory)
@@ -63,7 +68,6 @@ def save_pretrained(model: torch.nn.Module, cfg, directory: str | Path, *, extra
     extra = json.loads(json.dumps(extra or {}, default=str))
     meta = {"format": FORMAT, "dmmi_version": __version__, "preset": str(cfg.preset), "config": cfg.to_dict(),
             "extra": extra}
-    state = {k: v.detach() for k, v in model.state_dict().items()}
     save_weights_safetensors(directory / WEIGHTS_NAME, state, {"format": FORMAT, "preset": str(cfg.preset)})
     config_text = json.dumps(meta, indent=1)
     atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(config_text))

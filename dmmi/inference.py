@@ -21,6 +21,7 @@ cost nothing here.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
@@ -41,6 +42,21 @@ from dmmi.models.io import load_model_file
 
 ImageLike = Union[str, Path, bytes, Image.Image, np.ndarray]
 EXPRESSIONS_PER_CALL = 8  # expressions per model forward
+SYNTHETIC_SIDE = 128  # the synthetic generator's default image side (``dmmi data synth``, ``make demo``)
+log = logging.getLogger("dmmi")
+
+
+def domain_note(cfg) -> Optional[str]:
+    """One line for a model trained on dmmi's synthetic set (``data.dataset: synthetic``), else None."""
+    if getattr(cfg.data, "dataset", None) != "synthetic":
+        return None
+    return ("note: this model was trained on dmmi's synthetic set of coloured shapes "
+            "(circles, squares, triangles, stars): on other images, such as photographs, its masks mean little")
+
+
+def looks_synthetic(size_wh: tuple[int, int]) -> bool:
+    """Whether an image of this size could come from the synthetic generator (square, its default side)."""
+    return size_wh == (SYNTHETIC_SIDE, SYNTHETIC_SIDE)
 
 
 @dataclass
@@ -80,6 +96,9 @@ class Predictor:
     only): each forward replays a CUDA graph captured once per batch size
     (:class:`dmmi.engine.compiled.GraphedForward`, the same logits within bf16 rounding); elsewhere it
     changes nothing.
+
+    ``domain_note``: one line when the model was trained on the synthetic set (None otherwise); it
+    is logged once (logger ``dmmi``, WARNING) on the first image that is not synthetic-sized.
     """
 
     def __init__(self, model, cfg, *, device: str | torch.device = "auto", fast: bool = True, tokenizer=None,
@@ -102,6 +121,9 @@ class Predictor:
         self.size = cfg.model.image_size
         self.max_tokens = cfg.model.max_tokens
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model.text_encoder)
+        self.trained_on = getattr(cfg.data, "dataset", None)
+        self.domain_note = domain_note(cfg)
+        self._noted = False
         # cuda_graphs: the forward replayed from a CUDA graph per batch size (dmmi.engine.compiled); CUDA only
         self.graphed = GraphedForward(self.model, self.device, fast=fast) if cuda_graphs and \
             self.device.type == "cuda" else None
@@ -124,6 +146,13 @@ class Predictor:
         return cls.load(name_or_path, **kwargs)
 
     def _image(self, image: ImageLike) -> Image.Image:
+        pil = self._load(image)
+        if self.domain_note and not self._noted and not looks_synthetic(pil.size):
+            self._noted = True
+            log.warning(self.domain_note)
+        return pil
+
+    def _load(self, image: ImageLike) -> Image.Image:
         if isinstance(image, np.ndarray):
             if image.ndim != 3 or image.shape[2] != 3:
                 raise DmmiError(f"image array must be (H, W, 3), got {image.shape}")

@@ -296,6 +296,7 @@ class Trainer:
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", info.is_main)
         self.tb = _tensorboard(self.out_dir, info.is_main)
         self.last_path, self.best_path = self.out_dir / "last.pt", self.out_dir / "best.pt"
+        self.model_dir = self.out_dir / "model"  # best.pt as a Hub-style model directory, written at the end
 
     # ------------------------------------------------------------------ set-up
     def _setup_process(self) -> None:
@@ -572,7 +573,8 @@ class Trainer:
         if state.best is None or score > state.best:  # the same on every rank (global figures)
             state.best = score
             if self.info.is_main:
-                save_model_file(self.best_path, self.core, self.cfg, extra={"val": results, "step": state.global_step})
+                save_model_file(self.best_path, self.core, self.cfg, extra={"val": results, "step": state.global_step,
+                                                                            "trained_on": self.cfg.data.dataset})
 
     def _save_last(self) -> None:
         """``last.pt`` from rank 0, with every rank's RNG state (a collective: all ranks call it)."""
@@ -594,7 +596,10 @@ class Trainer:
         info, state = self.info, self.state
         if info.is_main and not self.best_path.exists() and not self.interrupted:
             save_model_file(self.best_path, self.core, self.cfg,
-                            extra={"step": state.global_step, "note": "no model selection: last model"})
+                            extra={"step": state.global_step, "note": "no model selection: last model",
+                                   "trained_on": self.cfg.data.dataset})
+        if info.is_main and self.best_path.exists() and not self.interrupted:
+            self._write_model_dir()
         if info.is_main and self.metrics.records:
             self._plot()
         count, dropped, messages = self._gather_skips()
@@ -607,6 +612,15 @@ class Trainer:
                            epochs_done=state.epoch + state.step_in_epoch / self.steps_per_epoch,
                            minutes=(time.time() - self.t_start) / 60, history=self.metrics.records,
                            skipped=count, model=self.core, interrupted=self.interrupted)
+
+    def _write_model_dir(self) -> None:
+        """``<output_dir>/model/``: best.pt as a Hub-style model directory (config.json, model.safetensors,
+        README.md model card) for ``--model`` / ``Predictor.from_pretrained`` / ``push_to_hub``."""
+        from dmmi.hub import save_state_pretrained
+
+        payload = torch.load(self.best_path, map_location="cpu", weights_only=True)
+        save_state_pretrained(payload["model"], self.cfg, self.model_dir, extra=payload.get("extra") or {})
+        self.log(f"model directory: {self.model_dir}")
 
     def _gather_skips(self) -> tuple[int, int, list[str]]:
         """Bad samples and dropped good ones over all ranks, and the first reasons."""

@@ -189,3 +189,17 @@ def test_the_ccr_branch_refuses_to_train_without_erased_ids():
     with pytest.raises(DmmiError, match="the CCR branch .* no erased_ids were given"):
         model(torch.randn(2, 3, 64, 64), ids, mask)
     assert model.eval()(torch.randn(2, 3, 64, 64), ids, mask).logits.shape == (2, 2, 64, 64)  # inference needs none
+
+
+def test_training_writes_a_model_directory(synth, tmp_path):
+    from dmmi.hub import from_pretrained
+
+    result = train(load_config("dmmi_tiny", _cfg(synth, tmp_path / "m", "train.max_steps=2", "train.batch_size=2",
+                                                 "data.dataset=synthetic")), progress=False, log=lambda *a: None)
+    model_dir = result.output_dir / "model"
+    assert {p.name for p in model_dir.iterdir()} == {"config.json", "model.safetensors", "README.md"}
+    model, cfg = from_pretrained(model_dir)
+    best = torch.load(result.best_path, weights_only=True)["model"]
+    assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items())  # the selected model, exactly
+    assert cfg.data.dataset == "synthetic" and "synthetic set of coloured shapes" in (model_dir / "README.md").read_text()
+    assert json.loads((model_dir / "config.json").read_text())["extra"]["trained_on"] == "synthetic"
