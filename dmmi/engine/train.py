@@ -229,6 +229,14 @@ def check_output_dir(output_dir: str | Path, resume: Optional[str]) -> Optional[
     return None
 
 
+def check_resume_config(state: dict, path: str, cfg: Config) -> None:
+    """One-line DmmiError unless checkpoint ``state`` (read from ``path``) holds ``cfg``'s model."""
+    extra = state["extra"]
+    if extra.get("preset") != cfg.preset or extra.get("config", {}).get("model") != cfg.to_dict()["model"]:
+        raise DmmiError(f"{path}: checkpoint of another model (preset {extra.get('preset')!r}, this run is "
+                        f"{cfg.preset!r}); resume with the same config")
+
+
 def train(cfg: Config, *, resume: Optional[str] = None, progress: bool = True, log=print) -> TrainResult:
     """Train ``cfg`` (see the module docstring). Returns where everything was written.
 
@@ -246,9 +254,13 @@ def train(cfg: Config, *, resume: Optional[str] = None, progress: bool = True, l
         kind, value = gather_objects(decision)[0]  # every rank follows rank 0's reading of the folder
         if kind == "error":
             raise DmmiError(value)
+        state = None
+        if value:  # read and matched with cfg before the Trainer writes into the output folder
+            state = ckpt.load_checkpoint(value)
+            check_resume_config(state, value, cfg)
         trainer = Trainer(cfg, info, progress=progress, log=log)
         if value:
-            trainer.resume(value)
+            trainer.resume(value, state=state)
         elif resume == "auto" and info.is_main:
             log(f"--resume auto: no last.pt in {cfg.train.output_dir}: a new run")
         return trainer.run()
@@ -361,14 +373,12 @@ class Trainer:
         return self.state.seconds_before + time.time() - self._t_segment
 
     # ------------------------------------------------------------------ resume
-    def resume(self, path: str) -> None:
-        """Continue from ``last.pt``: exact when the device count and global batch are the same."""
-        state = ckpt.load_checkpoint(path)
+    def resume(self, path: str, state: Optional[dict] = None) -> None:
+        """Continue from ``last.pt``: exact when the device count and global batch are the same.
+        ``state``: the checkpoint already read (:func:`train` reads it before anything is written)."""
+        state = ckpt.load_checkpoint(path) if state is None else state
         extra = state["extra"]
-        cfg = self.cfg
-        if extra.get("preset") != cfg.preset or extra.get("config", {}).get("model") != cfg.to_dict()["model"]:
-            raise DmmiError(f"{path}: checkpoint of another model (preset {extra.get('preset')!r}, this run is "
-                            f"{cfg.preset!r}); resume with the same config")
+        check_resume_config(state, path, self.cfg)
         self.core.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
