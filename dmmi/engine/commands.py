@@ -252,7 +252,7 @@ def cmd_predict(args) -> int:
             target = out / f"{stem}_overlay.png"
             try:
                 save_mask_png(pred.mask, out / f"{stem}_mask.png")
-                overlay(image, pred.mask).save(target)
+                overlay(image, pred.mask, label_empty=True).save(target)  # PREDICTION_COLOR; "no target" when empty
             except OSError as e:
                 raise DmmiError(f"cannot write {target}: {e.strerror or e}") from None
             print(f"{printable(path.name)}: \"{printable(pred.text)}\" -> {pred.describe()}  ({printable(target)})")
