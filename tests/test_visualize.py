@@ -1,6 +1,7 @@
 """Overlay pixel values, PNG outputs of masks, galleries and training curves."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -8,7 +9,9 @@ import torch
 from PIL import Image
 
 from dmmi.errors import DmmiError
-from dmmi.visualize import GalleryItem, gallery, mask_boundary, overlay, plot_curves, save_mask_png
+from dmmi.visualize import (GREEN, NO_TARGET_TEXT, PREDICTION_COLOR, TARGET_DARK, TARGET_LIGHT, GalleryItem,
+                            caption_panel, curve_figure, default_outline_width, gallery, mask_boundary, outline_target,
+                            overlay, plot_curves, save_mask_png)
 
 
 def square_mask(size=8, lo=2, hi=6):
@@ -85,7 +88,7 @@ def test_gallery_writes_a_grid_png(tmp_path):
         assert im.format == "PNG"
         w, h = im.size
         im.load()
-    assert w == 2 * 96 and h % 2 == 0 and h > 2 * 96  # 2 rows of square tiles + captions
+    assert w == 2 * 96 and h % 2 == 0 and h > 2 * 96  # a legend + 2 rows of square tiles + captions
     with pytest.raises(DmmiError, match="gallery item 0: unknown key 'caption'"):
         gallery([{"image": image, "mask": items[1]["mask"], "caption": "x"}], tmp_path / "x.png")
 
@@ -109,3 +112,139 @@ def test_plot_curves_errors(tmp_path):
         plot_curves(log, tmp_path / "c.png")
     with pytest.raises(DmmiError, match="key 'oIoU' not found"):
         plot_curves([{"step": 1, "loss": 2.0}], tmp_path / "c.png", keys=["oIoU"])
+
+
+# ---------------------------------------------------------------------------- readable pictures
+
+
+def _luminance(rgb):
+    c = np.asarray(rgb, dtype=np.float64) / 255.0
+    c = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    return c @ np.array([0.2126, 0.7152, 0.0722])
+
+
+def contrast_ratio(a, b):
+    """WCAG contrast ratio of two sRGB colours (1: the same, 21: black on white)."""
+    la, lb = _luminance(a), _luminance(b)
+    return (np.maximum(la, lb) + 0.05) / (np.minimum(la, lb) + 0.05)
+
+
+def test_overlay_uses_the_one_prediction_colour_by_default():
+    image = np.full((20, 20, 3), 90, np.uint8)
+    m = np.zeros((20, 20), bool)
+    m[5:15, 5:15] = True
+    solid = np.array(overlay(image, m, alpha=1.0, outline=False))
+    assert solid[10, 10].tolist() == list(PREDICTION_COLOR) and solid[0, 0].tolist() == [90, 90, 90]
+    assert np.array_equal(np.array(overlay(image, m)), np.array(overlay(image, m, color=PREDICTION_COLOR)))
+    # gallery tiles too: the prediction's outline is PREDICTION_COLOR
+    tile = np.array(caption_panel(GalleryItem(image, m, "x"), tile_width=20))
+    assert tile[5, 10].tolist() == list(PREDICTION_COLOR)
+
+
+@pytest.mark.parametrize("object_color", [GREEN, (255, 255, 255), (0, 0, 0), PREDICTION_COLOR, (250, 230, 40)])
+def test_target_outline_is_visible_on_any_object_colour(object_color):
+    image = np.full((64, 64, 3), 128, np.uint8)
+    target = np.zeros((64, 64), bool)
+    target[16:48, 16:48] = True
+    image[target] = object_color
+    empty = np.zeros((64, 64), bool)
+    tile = np.array(caption_panel(GalleryItem(image, empty, "x", gt_mask=target), tile_width=64))[:64]
+    direct = np.array(outline_target(image, target))
+    width = default_outline_width((64, 64))
+    band = mask_boundary(target, 2 * width)  # the outline's part on the object
+    for out in (tile, direct):
+        changed = np.any(out != image, axis=2)
+        assert changed[band].any() and not changed[24:40, 24:40].any()  # a line, not a fill
+        # some tone of the outline stands out clearly on the object, all the way round
+        strong = contrast_ratio(out[band], object_color) >= 4.5
+        assert strong.sum() >= 4 * (32 - 2 * 2 * width)  # at least one whole ring (the band's innermost)
+        rows, cols = np.nonzero(band & (contrast_ratio(out, object_color) >= 4.5))
+        assert {rows.min(), rows.max(), cols.min(), cols.max()} <= set(range(14, 50))  # on all four sides
+        assert rows.min() <= 19 and rows.max() >= 44 and cols.min() <= 19 and cols.max() >= 44
+    if object_color == GREEN:  # the old green line vanished here: now its pixels differ clearly
+        ring = mask_boundary(target, 1)
+        distance = np.linalg.norm(direct[ring].astype(float) - np.array(GREEN, float), axis=1)
+        assert distance.min() > 100 and np.linalg.norm(tile[ring].astype(float) - GREEN, axis=1).min() > 100
+    assert {tuple(TARGET_DARK), tuple(TARGET_LIGHT)} <= {tuple(c) for c in direct.reshape(-1, 3)}
+
+
+def test_gallery_has_a_legend_strip_on_top(tmp_path):
+    image = np.full((48, 64, 3), 128, np.uint8)
+    items = [GalleryItem(image, box(10, 30), "the dog", "one", 0.5, gt_mask=box(12, 32))] * 3
+    for columns in (3, 1):  # wide and narrow sheets
+        path = gallery(items, tmp_path / f"g{columns}.png", columns=columns, tile_width=96)
+        sheet = np.array(Image.open(path).convert("RGB"))
+        tile_h = caption_panel(items[0], 96).size[1]
+        rows = math.ceil(3 / columns)
+        legend_h = sheet.shape[0] - rows * tile_h
+        assert legend_h >= 12 and sheet.shape[1] == columns * 96
+        strip = sheet[:legend_h]
+        colours = {tuple(c) for c in strip.reshape(-1, 3)}
+        assert tuple(PREDICTION_COLOR) in colours  # the prediction's swatch
+        assert tuple(TARGET_DARK) in colours and tuple(TARGET_LIGHT) in colours  # the target's outline swatch
+        assert (strip.sum(axis=2) < 200).sum() > 30  # and written words
+        assert np.array_equal(sheet[legend_h:legend_h + tile_h, :96], np.array(caption_panel(items[0], 96)))
+
+
+def test_no_target_is_written_on_empty_overlays():
+    rng = np.random.default_rng(3)
+    image = rng.integers(100, 256, size=(120, 160, 3), dtype=np.uint8)
+    empty = np.zeros((120, 160), bool)
+    assert np.array_equal(np.array(overlay(image, empty)), image)  # the plain call: unchanged, as before
+    out = np.array(overlay(image, empty, label_empty=True))
+    changed = np.any(out != image, axis=2)
+    rows, cols = np.nonzero(changed)
+    assert rows.max() < 60 and cols.max() < 120  # a label in the top-left corner ...
+    box_px = out[rows.min():rows.max() + 1, cols.min():cols.max() + 1].reshape(-1, 3)
+    assert (box_px.max(axis=1) < 70).mean() > 0.4  # ... on a dark box
+    assert (box_px.min(axis=1) > 200).sum() > 20  # ... in white letters
+    assert NO_TARGET_TEXT == "no target"
+    m = np.zeros((120, 160), bool)
+    m[50:60, 50:60] = True
+    assert np.array_equal(np.array(overlay(image, m, label_empty=True))[:40, :], image[:40, :])  # not when found
+    tiny = np.zeros((6, 6, 3), np.uint8)
+    assert np.array_equal(np.array(overlay(tiny, np.zeros((6, 6), bool), label_empty=True)), tiny)  # no room
+    # gallery tiles: an empty prediction says so on the picture
+    plain = np.full((96, 96, 3), 200, np.uint8)
+    tile = np.array(caption_panel(GalleryItem(plain, np.zeros((96, 96), bool), "a cat", "zero"), 96))[:96]
+    assert (tile[:30, :80].max(axis=2) < 70).sum() > 100 and (tile[:30, :80].min(axis=2) > 240).sum() > 20
+
+
+def test_captions_fit_their_panel_whatever_the_expression():
+    image = np.full((48, 64, 3), 128, np.uint8)
+    texts = ["the " + "supercalifragilisticexpialidocious" * 6 + " dog",
+             " ".join(["the very long expression about many things"] * 30),
+             "x" * 400]
+    for text in texts:
+        for tile_width in (64, 96, 256):
+            item = GalleryItem(image, box(10, 30), text, "many", 0.123456)
+            tile = np.array(caption_panel(item, tile_width))
+            caption = tile[tile_width:]
+            ink = caption.min(axis=2) < 250
+            assert ink.any()
+            assert not ink[:, -3:].any() and not ink[:, :2].any()  # nothing runs past the panel's sides
+            assert not ink[-2:].any()  # nor below it
+
+
+def test_curves_with_one_validation_show_the_loss_curve_and_mark_the_value(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    lines = [{"step": s, "epoch": s / 500, "loss": 1.0 / (1 + s / 50), "lr": 1e-4} for s in range(10, 510, 10)]
+    lines.append({"step": 500, "epoch": 1.0, "val": {"dmmi": {"oIoU": 75.87, "Acc": None}}, "val_score": 75.87})
+    log.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    keys = ["loss", "val.dmmi.oIoU", "val.dmmi.Acc"]
+    fig = curve_figure(log, keys=keys)
+    loss_ax, val_ax, acc_ax = fig.axes
+    (loss_line,) = loss_ax.get_lines()
+    assert len(loss_line.get_xdata()) == 50 > 1 and loss_line.get_linestyle() != "None"
+    (val_line,) = val_ax.get_lines()
+    assert list(val_line.get_xdata()) == [500] and list(val_line.get_ydata()) == [75.87]
+    assert val_line.get_marker() not in (None, "", "None", " ") and val_line.get_markersize() >= 8
+    assert any("75.87" in t.get_text() and "500" in t.get_text() for t in val_ax.texts)  # annotated
+    lo, hi = val_ax.get_xlim()
+    assert lo < 10 and hi > 500 and loss_ax.get_xlim() == val_ax.get_xlim()  # where it sits along training
+    ylo, yhi = val_ax.get_ylim()
+    assert ylo < 75.87 < yhi
+    assert any("no value" in t.get_text() for t in acc_ax.texts)  # only None logged: said, not an error
+    out = plot_curves(log, tmp_path / "curves.png", keys=keys)
+    with Image.open(out) as im:
+        assert im.format == "PNG"
