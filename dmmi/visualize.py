@@ -492,7 +492,8 @@ def curve_figure(
             ax.plot(xs, ys, linestyle="-" if len(xs) > 1 else "none", marker="o", markersize=9, color="C3",
                     markeredgecolor="black", zorder=3, label=key)
             for xv, yv in zip(xs, ys):
-                ax.annotate(f"{_format_value(yv)}\n({axis or 'record'} {_format_value(xv)})", (xv, yv),
+                note = f"{_format_value(yv)}\n({axis or 'record'} {_format_value(xv)})"
+                ax.annotate(note, (xv, yv),
                             textcoords="offset points", xytext=(-10, 10), ha="right", va="bottom", fontsize=9,
                             bbox={"boxstyle": "round,pad=0.3", "fc": "white", "ec": "0.6", "alpha": 0.9})
             lo, hi = min(ys), max(ys)
