@@ -1,30 +1,33 @@
-"""``dmmi serve``: segment your own images from a web page, or through a small JSON API.
+"""``dmmi serve``: segment your own images from a web page (Gradio), or through a small JSON API.
 
     dmmi serve --checkpoint runs/demo/best.pt          # then open http://127.0.0.1:7860
 
-Standard library only (``http.server``): the model is loaded once and every request that
-runs it holds one lock for its whole heavy part (parsing the form, decoding the image, the
+One FastAPI application served by uvicorn: the Gradio page (:mod:`dmmi.serve_ui`) is mounted
+at ``/`` and the JSON routes below sit beside it. The model is loaded once; every model run,
+from the page or the API, holds one lock for its whole heavy part (decoding the image, the
 model, encoding the PNGs), so requests are answered one at a time and concurrent uploads
-cannot multiply memory, while pages and static files are still served in parallel. At most
-``max_pending`` predict requests are admitted at once (their bodies, at most ``--max-mb``
-each, are the only memory that waits for the lock); more get ``503`` with ``Retry-After``.
-The listen backlog (``request_queue_size``) holds bursts of connections instead of resetting
-them.
+cannot multiply decoded images. At most ``max_pending`` API requests are admitted at once
+(their bodies, at most ``--max-mb`` each, are the only memory that waits for the lock); more
+get ``503`` with ``Retry-After``. Gradio and FastAPI are imported only when a server is built,
+so the rest of the ``dmmi`` command stays quick to start.
 
 Routes
 ------
-``GET /``                 the page (``dmmi/web/index.html`` with its ``app.js`` / ``style.css``)
-``GET /api/info``         ``{"model": {"preset", "image_size", "device"}, "examples": [...], "limits": {...}}``
+``GET /``                 the Gradio page (no request leaves the server: system fonts, analytics off)
+``GET /api/info``         ``{"model": {"preset", "image_size", "device"}, "examples": [...],
+                          "domain_note": str | null, "limits": {...}}``
 ``POST /api/predict``     multipart/form-data: one ``image`` file and one or more ``text``
                           fields (a field may hold several expressions, one per line) ->
-                          ``{"results": [{"text", "no_target", "foreground",
+                          ``{"results": [{"text", "no_target", "foreground", "score",
                           "overlay_png_base64", "mask_png_base64"}], "image": {"width",
                           "height"}, "model": {"preset"}}``; results follow the expressions'
-                          order; masks are 8-bit grey PNGs (255 = referred) at the image's size;
-                          overlays are downscaled to at most ``overlay_max_side`` px (an optional
-                          field, a whole number 0-65535, default 1280; 0 = the image's size).
-                          Any other field name is refused. Images above ``--max-pixels`` (default
-                          40 million) are refused from their header, before decoding (413).
+                          order; ``score`` is the model's confidence (the largest foreground
+                          probability); masks are 8-bit grey PNGs (255 = referred) at the image's
+                          size; overlays are downscaled to at most ``overlay_max_side`` px (an
+                          optional field, a whole number 0-65535, default 1280; 0 = the image's
+                          size). Any other field name is refused. Bodies above ``--max-mb`` are
+                          refused from their Content-Length (413), images above ``--max-pixels``
+                          (default 40 million) from their header, before decoding (413).
 Bad input gets a 4xx status and ``{"error": "one line"}``.
 """
 
@@ -32,44 +35,35 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import math
+import os
 import signal
+import socket
 import sys
 import threading
-import time
 import traceback
 from dataclasses import dataclass, field
-from email.parser import HeaderParser
-from email.policy import HTTP
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
-from typing import Optional
-from urllib.parse import urlsplit
+from typing import Callable, Optional
 
 import numpy as np
 
 from dmmi.data.images import DEFAULT_MAX_PIXELS, ImageTooLarge, check_max_pixels, load_image
 from dmmi.errors import DmmiError
 
-WEB_DIR = Path(__file__).parent / "web"
-STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
-                ".css": "text/css; charset=utf-8", ".png": "image/png", ".svg": "image/svg+xml",
-                ".ico": "image/x-icon"}
-
-MAX_REQUEST_MB = 20.0  # whole multipart body
+MAX_REQUEST_MB = 20.0  # whole multipart body (--max-mb); also the largest upload on the page
 MAX_PIXELS = DEFAULT_MAX_PIXELS  # decoded image: width * height (--max-pixels)
 MAX_EXPRESSIONS = 16
 MAX_EXPRESSION_CHARS = 300
+MAX_PARTS = 64  # form parts per request: a few images / texts too many still get a precise error
 OVERLAY_MAX_SIDE = 1280  # overlays are for looking at: larger images are shown downscaled
 OVERLAY_SIDE_LIMIT = 65535  # the largest overlay_max_side accepted
 OVERLAY_COLOR = (0, 220, 255)  # cyan: stands out on red, green, blue and yellow objects alike
 MAX_PENDING = 32  # predict requests admitted at once (reading, waiting for the model, running)
-LISTEN_BACKLOG = 128  # connections the kernel holds before accept (Python's default is 5)
+LISTEN_BACKLOG = 128  # connections the kernel holds before accept
 FIELDS = ("image", "text", "overlay_max_side")  # the form fields of /api/predict
 
-# chips on the page; the synthetic set's vocabulary when the model was trained on it
+# example expressions; the synthetic set's vocabulary when the model was trained on it
 SYNTHETIC_EXAMPLES = ("the red circle", "all the blue shapes", "both squares", "the leftmost shape",
                       "the small green triangle and the big star", "the purple dog")
 GENERIC_EXAMPLES = ("the man on the left", "all the people", "the two dogs", "the cup on the table",
@@ -79,69 +73,13 @@ GENERIC_EXAMPLES = ("the man on the left", "all the people", "the two dogs", "th
 class RequestError(Exception):
     """Bad input: answered with ``status`` and ``{"error": message}`` (one line)."""
 
-    def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST):
+    def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST, headers: Optional[dict] = None):
         super().__init__(" ".join(str(message).split()))
         self.status = int(status)
+        self.headers = headers or {}
 
 
-# ---------------------------------------------------------------------------- multipart
-
-
-@dataclass
-class Part:
-    name: str
-    data: bytes
-    filename: Optional[str] = None
-    content_type: Optional[str] = None
-
-
-def _header_params(content_type: str) -> tuple[str, dict]:
-    """'multipart/form-data; boundary=x' -> ('multipart/form-data', {'boundary': 'x'})."""
-    msg = HeaderParser(policy=HTTP).parsestr(f"Content-Type: {content_type}\r\n\r\n")
-    return msg.get_content_type(), dict(msg["content-type"].params)
-
-
-def parse_multipart(body: bytes, content_type: str) -> list[Part]:
-    """Split a multipart/form-data body (RFC 7578) into its parts, bytes kept exactly."""
-    kind, params = _header_params(content_type or "")
-    if kind != "multipart/form-data":
-        raise RequestError("send the form as multipart/form-data (an 'image' file and 'text' fields)",
-                           HTTPStatus.UNSUPPORTED_MEDIA_TYPE)
-    boundary = params.get("boundary")
-    if not boundary or len(boundary) > 200:
-        raise RequestError("multipart body without a boundary in its Content-Type")
-    delimiter = b"\r\n--" + boundary.encode("latin-1")
-    sections = (b"\r\n" + body).split(delimiter)
-    if len(sections) < 2:
-        raise RequestError("malformed multipart body: no part found")
-    parts: list[Part] = []
-    closed = False
-    for section in sections[1:]:  # sections[0] is the preamble
-        if section.startswith(b"--"):
-            closed = True
-            break
-        head_end = section.find(b"\r\n")  # rest of the delimiter line (transport padding)
-        block = section[head_end + 2:] if head_end >= 0 else b""
-        raw_headers, sep, data = block.partition(b"\r\n\r\n")
-        if not sep:
-            raise RequestError("malformed multipart body: a part has no header/body separator")
-        # browsers send UTF-8 file names as raw bytes
-        headers = HeaderParser(policy=HTTP).parsestr(raw_headers.decode("utf-8", errors="replace") + "\r\n\r\n")
-        disposition = headers.get("content-disposition")
-        if disposition is None or disposition.content_disposition != "form-data":
-            raise RequestError("malformed multipart body: a part is not form-data")
-        name = disposition.params.get("name")
-        if name is None:
-            raise RequestError("malformed multipart body: a part has no name")
-        filename = disposition.params.get("filename")
-        ctype = headers.get_content_type() if headers.get("content-type") else None
-        parts.append(Part(name=str(name), data=data, filename=filename, content_type=ctype))
-    if not closed:
-        raise RequestError("malformed multipart body: it was cut off (no closing boundary)")
-    return parts
-
-
-# ---------------------------------------------------------------------------- requests
+# ---------------------------------------------------------------------------- input
 
 
 def read_expressions(fields: list[str]) -> list[str]:
@@ -177,95 +115,100 @@ def decode_image(data: bytes, filename: Optional[str] = None, max_pixels: Option
         raise RequestError(f"{e}; choose a PNG, JPEG or WebP file") from None
 
 
-def _png_base64(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=3)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 @dataclass
-class App:
-    """What the handlers share: the predictor, its lock and the limits."""
+class Part:
+    """One form part of a multipart body, its bytes as sent."""
 
-    predictor: object
-    max_request_bytes: int = int(MAX_REQUEST_MB * 1024 * 1024)
-    quiet: bool = False
-    max_pixels: Optional[int] = MAX_PIXELS
-    max_pending: int = MAX_PENDING
-    lock: threading.Lock = field(default_factory=threading.Lock)  # the model and the big buffers
-    slots: threading.BoundedSemaphore = field(init=False)  # admitted predict requests
+    name: str
+    data: bytes
+    filename: Optional[str] = None
+    content_type: Optional[str] = None
 
-    def __post_init__(self) -> None:
-        self.slots = threading.BoundedSemaphore(self.max_pending)
 
-    @property
-    def preset(self) -> str:
-        return str(getattr(self.predictor.cfg, "preset", "custom"))
+class MultipartCollector:
+    """Feed a multipart/form-data body in chunks (python-multipart's streaming parser) -> its parts.
 
-    def info(self) -> dict:
-        cfg = self.predictor.cfg
-        synthetic = getattr(getattr(cfg, "data", None), "dataset", None) == "synthetic"
-        return {
-            "model": {"preset": self.preset, "image_size": int(self.predictor.size),
-                      "device": str(self.predictor.device)},
-            "examples": list(SYNTHETIC_EXAMPLES if synthetic else GENERIC_EXAMPLES),
-            "limits": {"request_mb": round(self.max_request_bytes / 2**20, 1),
-                       "megapixels": None if self.max_pixels is None else round(self.max_pixels / 1e6, 1),
-                       "pixels": self.max_pixels, "pending_requests": self.max_pending,
-                       "expressions": MAX_EXPRESSIONS, "expression_chars": MAX_EXPRESSION_CHARS,
-                       "overlay_max_side": OVERLAY_MAX_SIDE},
-        }
+    Field names outside ``allowed`` are refused as soon as their headers end, so a wrong form
+    is answered before its upload is kept.
+    """
 
-    def predict(self, body: bytes, content_type: str) -> dict:
-        """The whole request under the lock: one form, one image and its masks in memory at a time."""
-        with self.lock:
-            return self._predict(body, content_type)
+    def __init__(self, content_type: str, allowed: tuple[str, ...] = FIELDS, max_parts: int = MAX_PARTS):
+        from python_multipart.multipart import MultipartParser, parse_options_header
 
-    def _predict(self, body: bytes, content_type: str) -> dict:
-        from PIL import Image
+        kind, params = parse_options_header(content_type or "")
+        if kind.lower() != b"multipart/form-data":
+            raise RequestError("send the form as multipart/form-data (an 'image' file and 'text' fields)",
+                               HTTPStatus.UNSUPPORTED_MEDIA_TYPE)
+        boundary = params.get(b"boundary")
+        if not boundary or len(boundary) > 200:
+            raise RequestError("multipart body without a boundary in its Content-Type")
+        self.allowed, self.max_parts, self._parse_options = allowed, max_parts, parse_options_header
+        self.parts: list[Part] = []
+        self._headers: dict[str, bytes] = {}
+        self._field = self._value = b""
+        self._data = bytearray()
+        self.ended = False
+        self.parser = MultipartParser(boundary, {
+            "on_part_begin": self._begin, "on_part_data": self._part_data, "on_part_end": self._part_end,
+            "on_header_field": self._header_field, "on_header_value": self._header_value,
+            "on_header_end": self._header_end, "on_headers_finished": self._headers_finished,
+            "on_end": self._end})
 
-        from dmmi.visualize import overlay
-
-        parts = parse_multipart(body, content_type)
-        unknown = sorted({p.name for p in parts} - set(FIELDS))
-        if unknown:
-            raise RequestError(f"unknown form field(s) {', '.join(repr(n[:40]) for n in unknown[:5])}; "
-                               f"the fields are {', '.join(FIELDS)}")
-        images = [p for p in parts if p.name == "image"]
-        if not images:
-            raise RequestError("no image: add an 'image' file to the form")
-        if len(images) > 1:
-            raise RequestError(f"one image per request, got {len(images)}")
-        texts = read_expressions([_text(p) for p in parts if p.name == "text"])
-        overlay_side = _int_field(parts, "overlay_max_side", OVERLAY_MAX_SIDE, OVERLAY_SIDE_LIMIT)
-        image = decode_image(images[0].data, images[0].filename, self.max_pixels)
-        del parts, images  # the parts' copies of the upload
-        width, height = image.size
-        shown = image
-        if overlay_side and max(width, height) > overlay_side:
-            scale = overlay_side / max(width, height)
-            shown = image.resize((max(1, round(width * scale)), max(1, round(height * scale))),
-                                 Image.Resampling.BILINEAR)
-        # one full-size mask at a time; a plain predict(image, texts) -> list works too (test doubles)
-        run = getattr(self.predictor, "iter_predict", None) or self.predictor.predict
-        results = []
+    def write(self, chunk: bytes) -> None:
         try:
-            for pred in run(image, texts):
-                mask = Image.fromarray(pred.mask.astype("uint8") * 255, mode="L")
-                shown_mask = mask if shown is image else mask.resize(shown.size, Image.Resampling.NEAREST)
-                results.append({
-                    "text": pred.text,
-                    "no_target": bool(pred.no_target),
-                    "foreground": round(float(pred.foreground), 6),
-                    "overlay_png_base64": _png_base64(overlay(shown, np.asarray(shown_mask) > 0, color=OVERLAY_COLOR,
-                                                              outline_width=max(2, round(max(shown.size) / 160)))),
-                    "mask_png_base64": _png_base64(mask),
-                })
-                del pred, mask, shown_mask
-        except DmmiError as e:
-            raise RequestError(str(e)) from None
-        return {"results": results, "image": {"width": width, "height": height},
-                "model": {"preset": self.preset}}
+            self.parser.write(chunk)
+        except RequestError:
+            raise
+        except Exception as e:  # python-multipart's MultipartParseError and friends
+            raise RequestError(f"malformed multipart body: {e}") from None
+
+    def finish(self) -> list[Part]:
+        if not self.ended:
+            raise RequestError("malformed multipart body: it was cut off (no closing boundary)")
+        return self.parts
+
+    # python-multipart callbacks
+    def _begin(self) -> None:
+        if len(self.parts) >= self.max_parts:
+            raise RequestError(f"too many form parts (at most {self.max_parts})")
+        self._headers, self._data = {}, bytearray()
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._field += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def _header_end(self) -> None:
+        self._headers[self._field.decode("latin-1").lower()] = self._value
+        self._field = self._value = b""
+
+    def _headers_finished(self) -> None:
+        kind, params = self._parse_options(self._headers.get("content-disposition", b""))
+        if kind.lower() != b"form-data":
+            raise RequestError("malformed multipart body: a part is not form-data")
+        if b"name" not in params:
+            raise RequestError("malformed multipart body: a part has no name")
+        name = params[b"name"].decode("utf-8", errors="replace")
+        if name not in self.allowed:
+            raise RequestError(f"unknown form field {name[:40]!r}; the fields are {', '.join(self.allowed)}")
+        filename = params.get(b"filename")
+        ctype = self._headers.get("content-type")
+        # browsers send UTF-8 file names as raw bytes
+        self._part = Part(name=name, data=b"", filename=None if filename is None else
+                          filename.decode("utf-8", errors="replace"),
+                          content_type=None if ctype is None else ctype.decode("latin-1").strip())
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        self._data += data[start:end]
+
+    def _part_end(self) -> None:
+        self._part.data = bytes(self._data)
+        self.parts.append(self._part)
+        self._data = bytearray()
+
+    def _end(self) -> None:
+        self.ended = True
 
 
 def _text(part: Part) -> str:
@@ -288,158 +231,348 @@ def _int_field(parts: list[Part], name: str, default: int, limit: int) -> int:
     return int(value)
 
 
-class Handler(BaseHTTPRequestHandler):
-    server_version = "dmmi-serve"
-    protocol_version = "HTTP/1.1"
-    timeout = 120  # seconds a client may stay silent mid-request (or idle between keep-alive requests)
-    app: App  # set on the subclass made by make_server
+def _png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=3)
+    return buf.getvalue()
 
-    # -- plumbing
-    def _send(self, status: int, body: bytes, content_type: str, headers: Optional[dict] = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
 
-    def _json(self, status: int, payload: dict, headers: Optional[dict] = None) -> None:
-        self._send(status, json.dumps(payload).encode("utf-8"), "application/json", headers)
+def _png_base64(image) -> str:
+    return base64.b64encode(_png_bytes(image)).decode("ascii")
 
-    def _error(self, status: int, message: str, headers: Optional[dict] = None) -> None:
-        self._json(status, {"error": " ".join(message.split())}, headers)
 
-    def _drain(self, length: int) -> bool:
-        """Read and drop ``length`` body bytes (so closing does not reset the connection)."""
-        while length > 0:
-            chunk = self.rfile.read(min(length, 1 << 16))
-            if not chunk:
-                return False
-            length -= len(chunk)
-        return True
+# ---------------------------------------------------------------------------- the shared model
 
-    def log_message(self, format, *args) -> None:  # noqa: A002 (the base class's name)
-        if not self.app.quiet:
-            sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {self.address_string()} {format % args}\n")
 
-    # -- routes
-    def do_GET(self) -> None:  # noqa: N802
-        path = urlsplit(self.path).path
-        if path == "/api/info":
-            return self._json(HTTPStatus.OK, self.app.info())
-        if path == "/api/predict":
-            return self._error(HTTPStatus.METHOD_NOT_ALLOWED, "use POST for /api/predict")
-        name = "index.html" if path in ("/", "/index.html") else path.lstrip("/")
-        static = WEB_DIR / name
-        # only plain files directly in dmmi/web/, no paths
-        if "/" in name or "\\" in name or name.startswith(".") or not static.is_file() \
-                or static.suffix not in STATIC_TYPES:
-            return self._error(HTTPStatus.NOT_FOUND, f"not found: {path}")
-        self._send(HTTPStatus.OK, static.read_bytes(), STATIC_TYPES[static.suffix])
+@dataclass
+class Service:
+    """What the page and the API share: the predictor, its lock and the limits."""
 
-    do_HEAD = do_GET
+    predictor: object
+    max_request_bytes: int = int(MAX_REQUEST_MB * 1024 * 1024)
+    quiet: bool = False
+    max_pixels: Optional[int] = MAX_PIXELS
+    max_pending: int = MAX_PENDING
+    lock: threading.Lock = field(default_factory=threading.Lock)  # the model and the big buffers
+    slots: threading.BoundedSemaphore = field(init=False)  # admitted predict requests
 
-    def handle_expect_100(self) -> bool:
-        """Refuse a too-large upload before the client sends it (curl asks first)."""
-        length = self.headers.get("Content-Length", "")
-        if length.strip().isdigit() and int(length) > self.app.max_request_bytes:
-            self.close_connection = True
-            self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request too large: {int(length) / 2**20:.1f} MB "
-                        f"(at most {self.app.max_request_bytes / 2**20:.1f} MB)")
-            return False
-        return super().handle_expect_100()
+    def __post_init__(self) -> None:
+        self.slots = threading.BoundedSemaphore(self.max_pending)
 
-    def do_POST(self) -> None:  # noqa: N802
-        path = urlsplit(self.path).path
-        if path != "/api/predict":
-            self.close_connection = True
-            return self._error(HTTPStatus.NOT_FOUND, f"not found: POST {path}")
-        length = self.headers.get("Content-Length")
-        if length is None or not length.strip().isdigit():
-            self.close_connection = True
-            return self._error(HTTPStatus.LENGTH_REQUIRED, "send a Content-Length header")
-        length = int(length)
-        limit = self.app.max_request_bytes
-        if length > limit:
-            self.close_connection = True  # the body is not read
-            return self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                               f"request too large: {length / 2**20:.1f} MB (at most {limit / 2**20:.1f} MB)")
-        if not self.app.slots.acquire(blocking=False):  # full: say so now instead of queueing bodies
-            self.close_connection = True
-            if self._drain(length):
-                self._error(HTTPStatus.SERVICE_UNAVAILABLE, f"busy: {self.app.max_pending} requests in progress; "
-                            "try again in a moment", {"Retry-After": "1"})
-            return
+    @property
+    def preset(self) -> str:
+        return str(getattr(self.predictor.cfg, "preset", "custom"))
+
+    @property
+    def synthetic(self) -> bool:
+        """Whether the model was trained on dmmi's synthetic shapes."""
+        return getattr(getattr(self.predictor.cfg, "data", None), "dataset", None) == "synthetic"
+
+    @property
+    def domain_note(self) -> Optional[str]:
+        note = getattr(self.predictor, "domain_note", None)  # Predictor's one line, where it has one
+        return note if isinstance(note, str) and note else None
+
+    def info(self) -> dict:
+        return {
+            "model": {"preset": self.preset, "image_size": int(self.predictor.size),
+                      "device": str(self.predictor.device)},
+            "examples": list(SYNTHETIC_EXAMPLES if self.synthetic else GENERIC_EXAMPLES),
+            "domain_note": self.domain_note,
+            "limits": {"request_mb": round(self.max_request_bytes / 2**20, 1),
+                       "megapixels": None if self.max_pixels is None else round(self.max_pixels / 1e6, 1),
+                       "pixels": self.max_pixels, "pending_requests": self.max_pending,
+                       "expressions": MAX_EXPRESSIONS, "expression_chars": MAX_EXPRESSION_CHARS,
+                       "overlay_max_side": OVERLAY_MAX_SIDE},
+        }
+
+    def segment(self, data: bytes, filename: Optional[str], texts: list[str], overlay_side: int,
+                emit: Callable) -> tuple[int, int]:
+        """Under the lock: decode ``data``, run the model on ``texts`` and call
+        ``emit(prediction, overlay, mask)`` per expression, in order (overlay: RGB PIL image at most
+        ``overlay_side`` px, 0: full size; mask: 'L' PIL image at the image's size, 255 = referred),
+        one full-size mask at a time. -> the image's (width, height)."""
+        with self.lock:
+            return self._segment(data, filename, texts, overlay_side, emit)
+
+    def _segment(self, data, filename, texts, overlay_side, emit) -> tuple[int, int]:
+        from PIL import Image
+
+        from dmmi.visualize import overlay
+
+        image = decode_image(data, filename, self.max_pixels)
+        del data
+        width, height = image.size
+        shown = image
+        if overlay_side and max(width, height) > overlay_side:
+            scale = overlay_side / max(width, height)
+            shown = image.resize((max(1, round(width * scale)), max(1, round(height * scale))),
+                                 Image.Resampling.BILINEAR)
+        # one full-size mask at a time; a plain predict(image, texts) -> list works too (test doubles)
+        run = getattr(self.predictor, "iter_predict", None) or self.predictor.predict
         try:
-            body = self.rfile.read(length)
-            if len(body) < length:
-                self.close_connection = True
-                return self._error(HTTPStatus.BAD_REQUEST, "request body cut off before Content-Length bytes")
+            for pred in run(image, texts):
+                mask = Image.fromarray(pred.mask.astype("uint8") * 255, mode="L")
+                shown_mask = mask if shown is image else mask.resize(shown.size, Image.Resampling.NEAREST)
+                tinted = overlay(shown, np.asarray(shown_mask) > 0, color=OVERLAY_COLOR,
+                                 outline_width=max(2, round(max(shown.size) / 160)))
+                emit(pred, tinted, mask)
+                del pred, mask, shown_mask, tinted
+        except DmmiError as e:
+            raise RequestError(str(e)) from None
+        return width, height
+
+    def predict_parts(self, parts: list[Part]) -> dict:
+        """The parts of a /api/predict form -> its JSON answer (RequestError for bad input)."""
+        images = [p for p in parts if p.name == "image"]
+        if not images:
+            raise RequestError("no image: add an 'image' file to the form")
+        if len(images) > 1:
+            raise RequestError(f"one image per request, got {len(images)}")
+        texts = read_expressions([_text(p) for p in parts if p.name == "text"])
+        overlay_side = _int_field(parts, "overlay_max_side", OVERLAY_MAX_SIDE, OVERLAY_SIDE_LIMIT)
+        upload = images[0]
+        parts.clear()  # the upload's bytes now live in `upload` only
+        results = []
+
+        def emit(pred, tinted, mask):
+            score = getattr(pred, "score", None)
+            results.append({
+                "text": pred.text,
+                "no_target": bool(pred.no_target),
+                "foreground": round(float(pred.foreground), 6),
+                "score": None if score is None else round(float(score), 6),
+                "overlay_png_base64": _png_base64(tinted),
+                "mask_png_base64": _png_base64(mask),
+            })
+
+        width, height = self.segment(upload.data, upload.filename, texts, overlay_side, emit)
+        return {"results": results, "image": {"width": width, "height": height},
+                "model": {"preset": self.preset}}
+
+
+# ---------------------------------------------------------------------------- the application
+
+
+def create_app(service: Service, *, ui: bool = True):
+    """The FastAPI application: ``/api/info``, ``/api/predict`` and (``ui``) the Gradio page at ``/``."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
+
+    app = FastAPI(title="dmmi serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+    headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+
+    def error(status: int, message: str, extra: Optional[dict] = None) -> JSONResponse:
+        return JSONResponse({"error": " ".join(str(message).split())}, status_code=int(status),
+                            headers={**headers, **(extra or {})})
+
+    async def drain(request, budget: int) -> None:
+        """Read and drop what is left of the body (at most ``budget`` bytes)."""
+        try:
+            while budget > 0:
+                message = await request.receive()
+                if message["type"] != "http.request":
+                    return
+                budget -= len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return
+        except ClientDisconnect:
+            pass
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc):  # 404 / 405 of the JSON routes, in the same one-line shape
+        return error(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}")
+
+    async def api_info(request):
+        return JSONResponse(service.info(), headers=headers)
+
+    async def api_predict(request):
+        limit = service.max_request_bytes
+        length = request.headers.get("content-length")
+        if length is not None and length.strip().isdigit() and int(length) > limit:  # refused unread
+            return error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                         f"request too large: {int(length) / 2**20:.1f} MB (at most {limit / 2**20:.1f} MB)",
+                         {"Connection": "close"})
+        if not service.slots.acquire(blocking=False):  # full: say so now instead of queueing bodies
+            await drain(request, limit)
+            return error(HTTPStatus.SERVICE_UNAVAILABLE, f"busy: {service.max_pending} requests in progress; "
+                         "try again in a moment", {"Retry-After": "1"})
+        try:
+            seen, done = 0, False
             try:
-                payload = self.app.predict(body, self.headers.get("Content-Type", ""))
+                collector = MultipartCollector(request.headers.get("content-type", ""))
+                while not done:
+                    message = await request.receive()
+                    if message["type"] != "http.request":
+                        raise ClientDisconnect()
+                    chunk, done = message.get("body", b""), not message.get("more_body", False)
+                    seen += len(chunk)
+                    if seen > limit:  # no (or a false) Content-Length
+                        raise RequestError(f"request too large: more than {limit / 2**20:.1f} MB",
+                                           HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+                    collector.write(chunk)
             except RequestError as e:
-                return self._error(e.status, str(e))
-            except Exception as e:  # a bug: say so in one line, keep the traceback on the console
-                traceback.print_exc(file=sys.stderr)
-                return self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {type(e).__name__}: {e}")
+                if not done and e.status != HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
+                    await drain(request, limit - seen)  # the rest of a bad form, so the client reads the answer
+                raise
+            parts = collector.finish()
+            del collector
+            payload = await run_in_threadpool(service.predict_parts, parts)
+        except RequestError as e:
+            return error(e.status, str(e), e.headers)
+        except ClientDisconnect:
+            return error(HTTPStatus.BAD_REQUEST, "the request body was cut off (the client went away)")
+        except Exception as e:  # a bug: say so in one line, keep the traceback on the console
+            traceback.print_exc(file=sys.stderr)
+            return error(HTTPStatus.INTERNAL_SERVER_ERROR, f"internal error: {type(e).__name__}: {e}")
         finally:
-            self.app.slots.release()
-        self._json(HTTPStatus.OK, payload)
+            service.slots.release()
+        return JSONResponse(payload, headers=headers)
+
+    methods = {"/api/info": "GET", "/api/predict": "POST"}
+
+    async def api_unknown(request):
+        path = request.url.path
+        if path in methods:  # a known route, another method
+            return error(HTTPStatus.METHOD_NOT_ALLOWED, f"use {methods[path]} for {path}", {"Allow": methods[path]})
+        return error(HTTPStatus.NOT_FOUND, f"not found: {request.method} {path}")
+
+    # plain Starlette routes (the request as it came), before the page's mount at /
+    app.add_route("/api/info", api_info, methods=["GET", "HEAD"])
+    app.add_route("/api/predict", api_predict, methods=["POST"])
+    app.add_route("/api/{rest:path}", api_unknown, methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"])
+
+    if ui:
+        from dmmi.serve_ui import mount_ui
+
+        mount_ui(app, service)
+    return app
 
 
-class DmmiServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = LISTEN_BACKLOG  # a burst of connections waits in the kernel, not reset
+class Server:
+    """uvicorn serving ``app`` on an already bound socket: ``serve_forever()`` (blocks), ``shutdown()``."""
+
+    def __init__(self, app, sock: socket.socket, quiet: bool = False):
+        import uvicorn
+
+        self.app, self.socket = app, sock
+        self.service: Service = app.state.service
+        config = uvicorn.Config(app, log_level="warning" if quiet else "info", access_log=not quiet,
+                                lifespan="on", timeout_keep_alive=30, backlog=LISTEN_BACKLOG,
+                                timeout_graceful_shutdown=10)
+        self.uvicorn = uvicorn.Server(config)
+        self.stopped = threading.Event()
+
+    @property
+    def server_address(self) -> tuple[str, int]:
+        return self.socket.getsockname()[:2]
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
+        host, port = self.server_address
+        host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{port}/"
+
+    @property
+    def started(self) -> bool:
+        return bool(self.uvicorn.started)
+
+    def serve_forever(self) -> None:
+        """Serve until :meth:`shutdown` (or, in the main thread, SIGINT / SIGTERM: uvicorn's own
+        handlers stop it gracefully and then raise the signal again for the caller)."""
+        try:
+            self.uvicorn.run(sockets=[self.socket])
+        finally:
+            self.stopped.set()
+
+    def shutdown(self, timeout: float = 15.0) -> None:
+        self.uvicorn.should_exit = True
+        self.stopped.wait(timeout)
+
+    def server_close(self) -> None:
+        self.socket.close()
 
 
 def make_server(predictor, host: str = "127.0.0.1", port: int = 7860, *, max_request_mb: float = MAX_REQUEST_MB,
-                quiet: bool = False, max_pixels: Optional[int] = MAX_PIXELS,
-                max_pending: int = MAX_PENDING) -> DmmiServer:
-    """Bind (port 0 picks a free one) without serving yet; call ``serve_forever()``."""
+                quiet: bool = False, max_pixels: Optional[int] = MAX_PIXELS, max_pending: int = MAX_PENDING,
+                ui: bool = True) -> Server:
+    """Build the app and bind (port 0 picks a free one) without serving yet; call ``serve_forever()``."""
     max_pixels = check_max_pixels(max_pixels)
     if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
         raise DmmiError(f"max_pending must be a whole number >= 1, got {max_pending!r}")
-    app = App(predictor, max_request_bytes=int(max_request_mb * 1024 * 1024), quiet=quiet, max_pixels=max_pixels,
-              max_pending=max_pending)
-    handler = type("DmmiHandler", (Handler,), {"app": app})
+    if not (max_request_mb > 0 and math.isfinite(max_request_mb)):
+        raise DmmiError(f"max_request_mb must be a number > 0, got {max_request_mb!r}")
+    service = Service(predictor, max_request_bytes=int(max_request_mb * 1024 * 1024), quiet=quiet,
+                      max_pixels=max_pixels, max_pending=max_pending)
+    sock = bind(host, port)
     try:
-        server = DmmiServer((host, port), handler)
+        app = create_app(service, ui=ui)
+        return Server(app, sock, quiet=quiet)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (IPv4 or IPv6), or a one-line DmmiError."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise DmmiError(f"cannot listen on {host}:{port}: unknown address ({e.strerror or e})") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(LISTEN_BACKLOG)
     except OSError as e:
+        sock.close()
         raise DmmiError(f"cannot listen on {host}:{port}: {e.strerror or e}"
                         f"{' (try another --port)' if port else ''}") from None
-    server.app = app
-    return server
+    sock.set_inheritable(True)
+    return sock
 
 
 # ---------------------------------------------------------------------------- CLI
 
+EPILOG = """\
+examples:
+  dmmi serve --checkpoint runs/demo/best.pt             # open http://127.0.0.1:7860
+  dmmi serve --model my-dmmi/ --port 8080 --device cpu  # a model directory (or a Hub repo id)
+  dmmi serve --model my-dmmi/ --host 0.0.0.0            # reachable from other machines
+  curl -F image=@photo.jpg -F text="the red circle" -F text="all the people" \\
+       http://127.0.0.1:7860/api/predict                # the JSON API
+"""
+
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("serve", help="a web page (and JSON API) to segment your own images")
+    import argparse
+
+    p = subparsers.add_parser("serve", help="a web page (and JSON API) to segment your own images",
+                              description="Serve a trained model: a Gradio page at / and a JSON API at "
+                                          "/api/predict (multipart: an 'image' file, one or more 'text' fields).",
+                              epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True, metavar="MODEL",
                    help="a trained model: best.pt / a .safetensors file, a model directory or a Hub repo id")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks a free one)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--reference", action="store_true", help="fp32 reference mode instead of the fast mode")
+    p.add_argument("--threshold", type=float, default=None, metavar="P",
+                   help="mask = pixels with foreground probability > P (default: the paper's argmax, = 0.5)")
+    p.add_argument("--min-area", type=float, default=0.0, metavar="SHARE",
+                   help="a mask smaller than this share of the image counts as no target (default 0)")
     p.add_argument("--max-mb", type=float, default=MAX_REQUEST_MB,
-                   help=f"largest request accepted, in MB (default {MAX_REQUEST_MB:g})")
+                   help=f"largest request or upload accepted, in MB (default {MAX_REQUEST_MB:g})")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
                    help=f"largest image accepted, width x height (default {MAX_PIXELS:,})")
     p.add_argument("--max-pending", type=int, default=MAX_PENDING, metavar="N",
                    help=f"predict requests admitted at once; more get 503 (default {MAX_PENDING})")
+    p.add_argument("--quiet", action="store_true", help="no request log on the console")
     p.set_defaults(func=cmd_serve)
 
 
@@ -447,9 +580,9 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def cmd_serve(args) -> int:
-    from dmmi.engine.distributed import resolve_device
-    from dmmi.inference import Predictor
+def check_args(args) -> None:
+    """The options' values, before the model loads (one-line DmmiError)."""
+    from dmmi.inference import check_threshold
 
     if not 0 <= args.port <= 65535:
         raise DmmiError(f"--port must be in 0-65535, got {args.port}")
@@ -458,22 +591,43 @@ def cmd_serve(args) -> int:
     check_max_pixels(args.max_pixels, "--max-pixels")
     if args.max_pending < 1:
         raise DmmiError(f"--max-pending must be >= 1, got {args.max_pending}")
-    if not (WEB_DIR / "index.html").is_file():
-        raise DmmiError(f"the web page is missing from the installation: {WEB_DIR / 'index.html'}")
-    device = resolve_device(args.device, option="--device", fix="--device cpu")
-    predictor = Predictor.load(args.checkpoint, device=device, fast=not args.reference, max_pixels=args.max_pixels)
-    server = make_server(predictor, args.host, args.port, max_request_mb=args.max_mb, max_pixels=args.max_pixels,
-                         max_pending=args.max_pending)
-    info = server.app.info()["model"]
-    shown = server.url if args.host not in ("0.0.0.0", "::") else f"http://localhost:{server.server_address[1]}/"
+    check_threshold(args.threshold, "--threshold")
+    if not 0.0 <= args.min_area < 1.0:
+        raise DmmiError(f"--min-area must be a share of the image in [0, 1), got {args.min_area}")
+
+
+def serve(server: Server, host: str) -> int:
+    """Print where to go and serve until Ctrl+C / SIGTERM (both stop cleanly: exit status 0)."""
+    info = server.service.info()["model"]
+    shown = server.url if host not in ("0.0.0.0", "::", "") else f"http://localhost:{server.server_address[1]}/"
     print(f"dmmi serve: {info['preset']} on {info['device']} ({info['image_size']} px input)")
+    note = server.service.domain_note
+    if note:
+        print(note)
     print(f"open {shown}  (API: POST {shown}api/predict; Ctrl+C to stop)", flush=True)
-    if threading.current_thread() is threading.main_thread():  # `kill` / a container stop: as Ctrl+C
-        signal.signal(signal.SIGTERM, _interrupt)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main else None  # uvicorn re-raises it after stopping
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        print("\ndmmi serve: stopped")
+        pass
     finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
         server.server_close()
+    print("dmmi serve: stopped", flush=True)
     return 0
+
+
+def cmd_serve(args) -> int:
+    from dmmi.engine.distributed import resolve_device
+    from dmmi.inference import Predictor
+
+    check_args(args)
+    device = resolve_device(args.device, option="--device", fix="--device cpu")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    predictor = Predictor.load(args.checkpoint, device=device, fast=not args.reference, max_pixels=args.max_pixels,
+                               threshold=args.threshold, min_area=args.min_area)
+    server = make_server(predictor, args.host, args.port, max_request_mb=args.max_mb, max_pixels=args.max_pixels,
+                         max_pending=args.max_pending, quiet=args.quiet)
+    return serve(server, args.host)

@@ -1,11 +1,17 @@
-"""`dmmi serve`: the JSON API, the page and the CLI, against a tiny trained checkpoint."""
+"""`dmmi serve`: the JSON API (FastAPI's test client and a real uvicorn server), the Gradio page's
+function and configuration, app.py and the CLI, against a tiny trained checkpoint."""
 
 import base64
+import copy
 import io
 import json
 import os
+import signal
 import struct
+import subprocess
+import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -19,15 +25,17 @@ import pytest
 import torch
 from PIL import Image
 
-from dmmi.cli import main as cli
+from dmmi.cli import build_parser, main as cli
 from dmmi.config import load_config
 from dmmi.data.synthetic import generate
 from dmmi.engine.train import train
 from dmmi.errors import DmmiError
 from dmmi.inference import Predictor
-from dmmi.serve import LISTEN_BACKLOG, RequestError, decode_image, make_server, parse_multipart
+from dmmi.serve import (LISTEN_BACKLOG, MultipartCollector, RequestError, Service, create_app, decode_image,
+                        make_server)
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(180)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------- helpers (the browser test uses them too)
@@ -45,11 +53,17 @@ def make_tiny_checkpoint(root: Path) -> tuple[Path, Path]:
 
 @contextmanager
 def serving(predictor, **kwargs):
-    """The server on a free localhost port, in a thread; yields the server (``.url``, ``.app``)."""
+    """The real server (uvicorn) on a free localhost port, in a thread; yields the Server (``.url``, ``.service``)."""
+    kwargs.setdefault("ui", False)
     server = make_server(predictor, "127.0.0.1", 0, quiet=True, **kwargs)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
+        for _ in range(600):
+            if server.started or not thread.is_alive():
+                break
+            time.sleep(0.05)
+        assert server.started, "the server did not start"
         yield server
     finally:
         server.shutdown()
@@ -64,6 +78,14 @@ def running_server(predictor, **kwargs):
         yield server.url
 
 
+@contextmanager
+def api_client(predictor, ui: bool = False, **service_kwargs):
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(Service(predictor, quiet=True, **service_kwargs), ui=ui)) as client:
+        yield client
+
+
 def png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -71,7 +93,7 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 def multipart(fields: list) -> tuple[bytes, str]:
-    """[(name, str) or (name, (filename, bytes, content type))] -> (body, Content-Type)."""
+    """[(name, str) or (name, (filename, bytes, content type))] -> (body, Content-Type), bytes as given."""
     boundary = f"----dmmi{uuid.uuid4().hex}"
     out = io.BytesIO()
     for name, value in fields:
@@ -90,7 +112,7 @@ def multipart(fields: list) -> tuple[bytes, str]:
 
 
 def request(url: str, body: bytes | None = None, content_type: str | None = None, method: str | None = None):
-    """-> (status, headers, body bytes), 4xx/5xx included."""
+    """urllib against a real server -> (status, headers, body bytes), 4xx/5xx included."""
     req = urllib.request.Request(url, data=body, method=method)
     if content_type:
         req.add_header("Content-Type", content_type)
@@ -107,10 +129,29 @@ def post_predict(base: str, fields: list):
     return status, json.loads(data)
 
 
+def client_predict(client, fields: list):
+    body, ctype = multipart(fields)
+    r = client.post("/api/predict", content=body, headers={"Content-Type": ctype})
+    return r.status_code, r.json()
+
+
 def decode_png(b64: str) -> Image.Image:
     image = Image.open(io.BytesIO(base64.b64decode(b64)))
     image.load()
     return image
+
+
+def _png(photo):
+    return ("image", ("photo.png", png_bytes(photo), "image/png"))
+
+
+def header_only_png(width: int, height: int) -> bytes:
+    """A PNG whose header says width x height, with no pixel data to speak of."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -127,9 +168,10 @@ def predictor(tiny):
 
 
 @pytest.fixture(scope="module")
-def base(predictor):
-    with running_server(predictor) as url:
-        yield url
+def client(predictor):
+    """The whole application (the page mounted at /) through FastAPI's test client."""
+    with api_client(predictor, ui=True) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
@@ -141,19 +183,19 @@ def photo(tiny):
 # ---------------------------------------------------------------------------- API
 
 
-def test_info(base):
-    status, headers, data = request(base + "api/info")
-    assert status == 200 and headers["Content-Type"] == "application/json"
-    info = json.loads(data)
+def test_info(client):
+    r = client.get("/api/info")
+    assert r.status_code == 200 and r.headers["Content-Type"] == "application/json"
+    info = r.json()
     assert info["model"] == {"preset": "dmmi_tiny", "image_size": 64, "device": "cpu"}
     assert info["examples"] and all(isinstance(t, str) and t for t in info["examples"])
-    assert info["limits"]["request_mb"] > 0
+    assert info["limits"]["request_mb"] == 20.0 and info["limits"]["expressions"] == 16
+    assert info["domain_note"] is None or "synthetic" in info["domain_note"]
 
 
-def test_predict(base, photo, predictor):
+def test_predict(client, photo, predictor):
     texts = ["the red circle", "all the shapes\n\n  the   blue star  ", "a purple dog"]
-    status, out = post_predict(base, [("image", ("photo.png", png_bytes(photo), "image/png"))]
-                               + [("text", t) for t in texts])
+    status, out = client_predict(client, [_png(photo)] + [("text", t) for t in texts])
     assert status == 200, out
     assert out["image"] == {"width": 96, "height": 60}
     assert out["model"] == {"preset": "dmmi_tiny"}
@@ -161,7 +203,7 @@ def test_predict(base, photo, predictor):
     assert [r["text"] for r in out["results"]] == expected
     direct = predictor.predict(photo, expected)
     for result, pred in zip(out["results"], direct):
-        assert set(result) == {"text", "no_target", "foreground", "overlay_png_base64", "mask_png_base64"}
+        assert set(result) == {"text", "no_target", "foreground", "score", "overlay_png_base64", "mask_png_base64"}
         mask = decode_png(result["mask_png_base64"])
         assert mask.size == (96, 60) and mask.mode == "L"
         arr = np.asarray(mask)
@@ -169,57 +211,33 @@ def test_predict(base, photo, predictor):
         assert np.array_equal(arr > 0, pred.mask)  # the same model, the same answer
         assert result["no_target"] == (not arr.any())
         assert result["foreground"] == pytest.approx((arr > 0).mean(), abs=1e-5)
+        assert result["score"] == pytest.approx(pred.score, abs=1e-5) and 0 <= result["score"] <= 1
         overlay = decode_png(result["overlay_png_base64"])
         assert overlay.size == (96, 60) and overlay.mode == "RGB"
         if result["no_target"]:
             assert np.array_equal(np.asarray(overlay), np.asarray(photo))
+        else:
+            assert not np.array_equal(np.asarray(overlay), np.asarray(photo))
 
 
-def test_predict_jpeg_and_concurrent_requests(base, photo):
+def test_predict_through_httpx_with_a_real_server_jpeg_and_small_overlays(photo, predictor):
+    import httpx
+
     buf = io.BytesIO()
     photo.save(buf, format="JPEG", quality=90)
-    fields = [("image", ("p.jpg", buf.getvalue(), "image/jpeg")), ("text", "the red circle")]
-    answers = [None] * 3
-
-    def ask(i):
-        answers[i] = post_predict(base, fields)
-
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert all(a is not None and a[0] == 200 for a in answers)
-    masks = [a[1]["results"][0]["mask_png_base64"] for a in answers]
-    assert masks[0] == masks[1] == masks[2]  # one model call at a time, deterministic
-
-
-def test_predict_in_chunks_with_small_overlays(photo, predictor):
     texts = ["the red circle", "all the shapes", "the blue star"]
-    fields = [("image", ("p.png", png_bytes(photo), "image/png")), ("overlay_max_side", "48")]
-    fields += [("text", t) for t in texts]
     chunked = Predictor(predictor.model, predictor.cfg, device="cpu", tokenizer=predictor.tokenizer,
                         expressions_per_call=2)  # two expressions per model call
     with running_server(chunked) as url:
-        status, out = post_predict(url, fields)
-    assert status == 200, out
-    assert [r["text"] for r in out["results"]] == texts
-    for result, pred in zip(out["results"], predictor.predict(photo, texts)):
+        r = httpx.post(url + "api/predict", files={"image": ("p.jpg", buf.getvalue(), "image/jpeg")},
+                       data={"text": texts, "overlay_max_side": "48"}, timeout=60)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert [x["text"] for x in out["results"]] == texts
+    decoded = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    for result, pred in zip(out["results"], predictor.predict(decoded, texts)):
         assert np.array_equal(np.asarray(decode_png(result["mask_png_base64"])) > 0, pred.mask)  # full size
         assert decode_png(result["overlay_png_base64"]).size == (48, 30)  # shown downscaled
-
-
-def _png(photo):
-    return ("image", ("photo.png", png_bytes(photo), "image/png"))
-
-
-def header_only_png(width: int, height: int) -> bytes:
-    """A PNG whose header says width x height, with no pixel data to speak of."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
 
 
 @pytest.mark.parametrize("case, fields, status, words", [
@@ -245,7 +263,9 @@ def header_only_png(width: int, height: int) -> bytes:
     ("two overlay sizes", lambda p: [_png(p), ("text", "a cat"), ("overlay_max_side", "1"),
                                      ("overlay_max_side", "2")], 400, "'overlay_max_side' must be one"),
     ("unknown field", lambda p: [_png(p), ("text", "a cat"), ("overlay_max_sid", "48")], 400,
-     "unknown form field(s) 'overlay_max_sid'"),
+     "unknown form field 'overlay_max_sid'"),
+    ("unknown field before the image", lambda p: [("files", "x"), _png(p), ("text", "a cat")], 400,
+     "unknown form field 'files'; the fields are image, text, overlay_max_side"),
     ("text not utf-8", lambda p: [_png(p), ("text", ("t.txt", b"a \xff cat", "text/plain"))], 400,
      "'text' field is not UTF-8"),
     ("image over the pixel cap", lambda p: [("image", ("huge.png", header_only_png(9000, 5000), "image/png")),
@@ -257,27 +277,56 @@ def header_only_png(width: int, height: int) -> bytes:
     ("no text", lambda p: [_png(p)], 400, "no expression"),
     ("two images", lambda p: [_png(p), _png(p), ("text", "a cat")], 400, "one image per request"),
     ("too many", lambda p: [_png(p), ("text", "\n".join(f"shape {i}" for i in range(40)))], 400,
-     "too many expressions"),
+     "too many expressions: 40 (at most 16"),
+    ("too long", lambda p: [_png(p), ("text", "a " * 200)], 400, "expression too long: 399 characters"),
+    ("too many parts", lambda p: [_png(p)] + [("text", "a cat")] * 70, 400, "too many form parts"),
 ])
-def test_bad_input_is_a_one_line_4xx(base, photo, case, fields, status, words):
-    got, out = post_predict(base, fields(photo))
+def test_bad_input_is_a_one_line_4xx(client, photo, case, fields, status, words):
+    got, out = client_predict(client, fields(photo))
     assert got == status, (case, out)
     assert set(out) == {"error"} and words in out["error"], (case, out)
     assert "\n" not in out["error"] and "Traceback" not in out["error"]
 
 
-def test_bad_requests(base, predictor):
-    status, _, data = request(base + "api/predict", b'{"text": "a cat"}', "application/json")
-    assert status == 415 and "multipart/form-data" in json.loads(data)["error"]
-    status, _, data = request(base + "api/predict", b"--x\r\nno closing", "multipart/form-data; boundary=x")
-    assert status == 400 and "malformed multipart" in json.loads(data)["error"]
-    status, _, data = request(base + "api/predict")
-    assert status == 405
-    status, _, data = request(base + "api/other", b"", "text/plain")
-    assert status == 404
-    with running_server(predictor, max_request_mb=0.01) as small:
-        body, ctype = multipart([("image", ("big.bin", os.urandom(20_000), "image/png")), ("text", "a cat")])
-        status, _, data = request(small + "api/predict", body, ctype)
+def test_bad_requests(client, predictor):
+    def post(body, ctype):
+        r = client.post("/api/predict", content=body, headers={"Content-Type": ctype} if ctype else {})
+        return r.status_code, r.json()
+
+    status, out = post(b'{"text": "a cat"}', "application/json")
+    assert status == 415 and "multipart/form-data" in out["error"]
+    assert post(b"", None)[0] == 415
+    status, out = post(b"--x\r\nno closing", "multipart/form-data; boundary=x")
+    assert status == 400 and out["error"].startswith("malformed multipart body")
+    status, out = post(b"--x\r\nContent-Disposition: form-data; name=\"text\"\r\n\r\na cat",
+                       "multipart/form-data; boundary=x")
+    assert status == 400 and "cut off" in out["error"]
+    status, out = post(b"--x--\r\n", "multipart/form-data")
+    assert status == 400 and "without a boundary" in out["error"]
+    r = client.get("/api/predict")
+    assert r.status_code == 405 and r.json() == {"error": "use POST for /api/predict"}
+    r = client.post("/api/info")
+    assert r.status_code == 405 and r.json() == {"error": "use GET for /api/info"}
+    r = client.post("/api/other", content=b"")
+    assert r.status_code == 404 and r.json() == {"error": "not found: POST /api/other"}
+
+
+def test_request_size_limit(predictor, photo):
+    body, ctype = multipart([("image", ("big.bin", os.urandom(20_000), "image/png")), ("text", "a cat")])
+    with api_client(predictor, max_request_bytes=10_000) as small:
+        r = small.post("/api/predict", content=body, headers={"Content-Type": ctype})
+        assert r.status_code == 413 and r.json()["error"].startswith("request too large: 0.0 MB (at most 0.0 MB)")
+        # a chunked body (no Content-Length) is counted as it arrives
+        r = small.post("/api/predict", content=iter([body[:6000], body[6000:]]), headers={"Content-Type": ctype})
+        assert "content-length" not in r.request.headers
+        assert r.status_code == 413 and "request too large: more than" in r.json()["error"]
+        # under the limit, chunked: answered
+        body, ctype = multipart([_png(photo), ("text", "a cat")])
+        assert len(body) < 10_000
+        r = small.post("/api/predict", content=iter([body[:100], body[100:]]), headers={"Content-Type": ctype})
+        assert r.status_code == 200 and r.json()["results"][0]["text"] == "a cat"
+    with running_server(predictor, max_request_mb=0.01) as url:  # refused from the header on the real server
+        status, _, data = request(url + "api/predict", body + b"x" * 20_000, ctype)
         assert status == 413 and "request too large" in json.loads(data)["error"]
 
 
@@ -288,15 +337,15 @@ def test_a_bug_is_a_one_line_500(photo, capsys):
         def predict(self, image, texts):
             raise RuntimeError("boom\nsecond line")
 
-    with running_server(Broken()) as url:
-        status, out = post_predict(url, [_png(photo), ("text", "a cat")])
+    with api_client(Broken()) as c:
+        status, out = client_predict(c, [_png(photo), ("text", "a cat")])
         assert status == 500 and out == {"error": "internal error: RuntimeError: boom second line"}
-        assert request(url + "api/info")[0] == 200  # still serving
+        assert c.get("/api/info").status_code == 200  # still serving
     assert "Traceback" in capsys.readouterr().err  # the details stay on the console
 
 
 def _ask(url: str, body: bytes, ctype: str, start: threading.Barrier):
-    """POST at the same moment as the others -> (status, error text) or the exception's name."""
+    """POST at the same moment as the others -> (status, Retry-After, payload) or the exception's name."""
     req = urllib.request.Request(url + "api/predict", data=body)
     req.add_header("Content-Type", ctype)
     start.wait(30)
@@ -310,48 +359,51 @@ def _ask(url: str, body: bytes, ctype: str, start: threading.Barrier):
 
 
 def test_a_burst_of_40_concurrent_requests_is_answered_not_reset(photo, predictor):
-    """Python's default listen backlog of 5 reset most of such a burst (23 of 40 here)."""
     body, ctype = multipart([_png(photo), ("text", "the red circle")])
     expected = predictor.predict(photo, "the red circle").mask
-    with serving(predictor) as server:
+    with serving(predictor, max_pending=8) as server:
         start = threading.Barrier(40)
         with ThreadPoolExecutor(40) as pool:
             answers = list(pool.map(lambda _: _ask(server.url, body, ctype, start), range(40)))
-        backlog = server.request_queue_size
     statuses = [a[0] for a in answers]
-    assert all(s == 200 or s == 503 or (isinstance(s, int) and 400 <= s < 500) for s in statuses), statuses
-    assert statuses.count(200) >= 8, statuses  # admitted ones are served (max_pending 32; the rest may be 503)
+    assert all(s in (200, 503) for s in statuses), statuses  # answered, none reset
+    assert statuses.count(200) >= 8, statuses
     for status, retry, payload in answers:
         if status == 200:
             assert np.array_equal(np.asarray(decode_png(payload["results"][0]["mask_png_base64"])) > 0, expected)
         else:
-            assert retry == "1" and set(payload) == {"error"} and payload["error"].startswith("busy:")
-    assert backlog == LISTEN_BACKLOG >= 128
+            assert retry == "1" and payload == {"error": "busy: 8 requests in progress; try again in a moment"}
+    assert LISTEN_BACKLOG >= 128
 
 
 def test_when_every_slot_is_taken_a_request_gets_a_one_line_503(photo, predictor):
     with serving(predictor, max_pending=2) as server:
-        assert server.app.slots.acquire(blocking=False) and server.app.slots.acquire(blocking=False)
+        slots = server.service.slots
+        assert slots.acquire(blocking=False) and slots.acquire(blocking=False)
         try:
             body, ctype = multipart([_png(photo), ("text", "a cat")])
             status, headers, data = request(server.url + "api/predict", body, ctype)
             assert status == 503 and headers["Retry-After"] == "1"
             assert json.loads(data) == {"error": "busy: 2 requests in progress; try again in a moment"}
-            assert request(server.url + "api/info")[0] == 200  # pages are not held up
+            assert request(server.url + "api/info")[0] == 200  # other routes are not held up
         finally:
-            server.app.slots.release()
-            server.app.slots.release()
+            slots.release()
+            slots.release()
         assert post_predict(server.url, [_png(photo), ("text", "a cat")])[0] == 200
 
 
-def test_uploads_are_decoded_inside_the_model_lock(photo, predictor, monkeypatch):
-    """One decoded image at a time, whatever the number of concurrent uploads."""
+def test_uploads_are_decoded_and_run_inside_the_one_model_lock(photo, predictor, monkeypatch):
+    """One decoded image and one model run at a time, whatever the number of concurrent uploads."""
     import dmmi.serve
 
-    seen, real = [], dmmi.serve.decode_image
+    seen, running, real = [], [], dmmi.serve.decode_image
     with serving(predictor) as server:
         def decode_image(*args, **kwargs):
-            seen.append(server.app.lock.locked())
+            seen.append(server.service.lock.locked())
+            running.append(1)
+            time.sleep(0.05)  # others arrive meanwhile
+            assert len(running) == 1, "two model runs at once"
+            running.pop()
             return real(*args, **kwargs)
 
         monkeypatch.setattr(dmmi.serve, "decode_image", decode_image)
@@ -364,10 +416,10 @@ def test_uploads_are_decoded_inside_the_model_lock(photo, predictor, monkeypatch
 
 
 def test_the_pixel_cap_is_configurable_and_decoding_is_the_shared_loader(photo, predictor):
-    with running_server(predictor, max_pixels=96 * 60 - 1) as url:
-        status, out = post_predict(url, [_png(photo), ("text", "a cat")])
+    with api_client(predictor, max_pixels=96 * 60 - 1) as c:
+        status, out = client_predict(c, [_png(photo), ("text", "a cat")])
         assert status == 413 and "96x60" in out["error"] and "\n" not in out["error"]
-        assert json.loads(request(url + "api/info")[2])["limits"]["pixels"] == 96 * 60 - 1
+        assert c.get("/api/info").json()["limits"]["pixels"] == 96 * 60 - 1
     grey = np.array([[0, 257, 32768, 65535]], np.uint16)
     assert np.asarray(decode_image(png_bytes(Image.fromarray(grey)), "g16.png"))[0, :, 0].tolist() == [0, 1, 128, 255]
     exif = Image.Exif()
@@ -377,40 +429,131 @@ def test_the_pixel_cap_is_configurable_and_decoding_is_the_shared_loader(photo, 
     assert decode_image(buf.getvalue(), "phone.jpg").size == (60, 96)  # upright
     with pytest.raises(DmmiError, match="max_pixels"):
         make_server(predictor, "127.0.0.1", 0, max_pixels=0)
+    with pytest.raises(DmmiError, match="max_pending"):
+        make_server(predictor, "127.0.0.1", 0, max_pending=0)
 
 
-def test_multipart_keeps_bytes_exactly():
+def test_multipart_collector_keeps_bytes_exactly_in_any_chunking():
     blob = bytes(range(256)) * 4 + b"\r\n\r\n--\r\n" + b"\r" + b"\n"
     body, ctype = multipart([("image", ("a b.png", blob, "image/png")), ("text", "line 1\r\nline 2"),
                              ("text", "caf\u00e9")])
-    parts = parse_multipart(body, ctype)
-    assert [(p.name, p.filename) for p in parts] == [("image", "a b.png"), ("text", None), ("text", None)]
-    assert parts[0].data == blob and parts[0].content_type == "image/png"
-    assert parts[1].data == b"line 1\r\nline 2" and parts[2].data.decode() == "caf\u00e9"
+    for size in (len(body), 7, 1):
+        collector = MultipartCollector(ctype)
+        for i in range(0, len(body), size):
+            collector.write(body[i:i + size])
+        parts = collector.finish()
+        assert [(p.name, p.filename) for p in parts] == [("image", "a b.png"), ("text", None), ("text", None)]
+        assert parts[0].data == blob and parts[0].content_type == "image/png"
+        assert parts[1].data == b"line 1\r\nline 2" and parts[2].data.decode() == "caf\u00e9"
     with pytest.raises(RequestError, match="boundary"):
-        parse_multipart(body, "multipart/form-data")
+        MultipartCollector("multipart/form-data")
+    with pytest.raises(RequestError, match="multipart/form-data") as e:
+        MultipartCollector("application/x-www-form-urlencoded")
+    assert e.value.status == 415
 
 
-# ---------------------------------------------------------------------------- page
+def test_the_server_binds_where_asked_and_says_so_when_it_cannot(predictor):
+    with serving(predictor) as server:
+        assert server.server_address[0] == "127.0.0.1"
+        port = server.server_address[1]
+        with pytest.raises(DmmiError, match=f"cannot listen on 127.0.0.1:{port}: .*try another --port"):
+            make_server(predictor, "127.0.0.1", port, ui=False)
 
 
-def test_page_and_static_files(base):
-    status, headers, page = request(base)
-    assert status == 200 and headers["Content-Type"].startswith("text/html")
-    html = page.decode()
-    assert "<title>" in html and 'src="app.js"' in html and 'href="style.css"' in html
-    assert "http://" not in html and "https://" not in html  # offline: nothing from a CDN
-    for name, kind in [("app.js", "text/javascript"), ("style.css", "text/css")]:
-        status, headers, data = request(base + name)
-        assert status == 200 and headers["Content-Type"].startswith(kind) and data
-        assert b"http://" not in data and b"https://" not in data
-    for bad in ["nothing.js", "../serve.py", "%2e%2e/serve.py", "web/index.html", ".hidden"]:
-        assert request(base + bad)[0] == 404, bad
-    status, headers, body = request(base, method="HEAD")
-    assert status == 200 and body == b"" and int(headers["Content-Length"]) == len(page)
+# ---------------------------------------------------------------------------- the page
 
 
-# ---------------------------------------------------------------------------- CLI
+def test_page_is_gradio_offline_and_analytics_off(client):
+    r = client.get("/")
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/html")
+    config = client.get("/config").json()
+    assert config["analytics_enabled"] is False and config["title"].startswith("dmmi")
+    assert not any(str(s).startswith(("http://", "https://", "//")) for s in config["stylesheets"])
+    css = client.get("/theme.css").text
+    assert "ui-sans-serif" in css and "googleapis" not in css and "@import" not in css
+    labels = {c.get("props", {}).get("label") for c in config["components"]}
+    assert {"Image", "Overlays", "Masks (PNG, 255 = referred)", "Try a sample image"} <= labels  # synthetic model
+    texts = " ".join(str(c.get("props", {}).get("value")) for c in config["components"])
+    assert "zero, one or many" in texts and "dmmi_tiny" in texts
+
+
+def _page_config(predictor):
+    with api_client(predictor, ui=True) as c:
+        return c.get("/config").json()
+
+
+def test_page_domain_note_and_examples_follow_the_model(predictor):
+    note = getattr(predictor, "domain_note", None)
+    labels = lambda cfg: {c.get("props", {}).get("label") for c in cfg["components"]}  # noqa: E731
+    values = lambda cfg: " ".join(str(c.get("props", {}).get("value")) for c in cfg["components"])  # noqa: E731
+    if note:  # Predictor has its domain note: shown on the synthetic model's page
+        assert "synthetic" in values(_page_config(predictor))
+    plain = copy.copy(predictor)
+    plain.cfg = copy.deepcopy(predictor.cfg)
+    plain.cfg.data.dataset = "ref-zom"
+    plain.domain_note = None
+    cfg = _page_config(plain)
+    assert "Try a sample image" not in labels(cfg) and "Example expressions" in labels(cfg)
+    assert "synthetic set" not in values(cfg)
+    bare = copy.copy(predictor)  # a predictor without the attribute at all still serves
+    bare.__dict__.pop("domain_note", None)
+    if "domain_note" not in dir(bare):
+        assert Service(bare).domain_note is None
+
+
+def test_sample_images_are_synthetic_scenes_with_expressions(tmp_path):
+    from dmmi.serve_ui import sample_examples
+
+    rows = sample_examples(tmp_path, n=3)
+    assert len(rows) == 3
+    for path, texts in rows:
+        image = Image.open(path)
+        assert image.size[0] == image.size[1] and image.mode == "RGB"
+        lines = texts.split("\n")
+        assert 1 <= len(lines) <= 3 and all(line.strip() for line in lines)
+
+
+def test_the_page_function_segments_with_the_shared_lock(tiny, predictor, photo, tmp_path, monkeypatch):
+    import gradio as gr
+
+    import dmmi.serve
+    from dmmi.serve_ui import Segmenter
+
+    service = Service(predictor, quiet=True)
+    segment = Segmenter(service, tmp_path / "masks")
+    path = tmp_path / "photo.png"
+    photo.save(path)
+    seen, real = [], dmmi.serve.decode_image
+    monkeypatch.setattr(dmmi.serve, "decode_image",
+                        lambda *a, **k: seen.append(service.lock.locked()) or real(*a, **k))
+    texts = ["the red circle", "a <b>bold</b> | dog"]
+    gallery, table, files, status = segment(str(path), "\n".join(texts) + "\n\n")
+    assert seen == [True]
+    assert status == "2 results for a 96\u00d760 image"
+    direct = predictor.predict(photo, texts)
+    assert len(gallery) == len(files) == 2
+    for (overlay, caption), file, pred in zip(gallery, files, direct):
+        assert overlay.size == (96, 60)
+        assert caption.startswith(f"\u201c{pred.text}\u201d \u2014 ")
+        assert ("no target" in caption) == pred.no_target and f"confidence {pred.score:.2f}" in caption
+        assert np.array_equal(np.asarray(Image.open(file)) > 0, pred.mask)
+    assert "&lt;b&gt;bold&lt;/b&gt; | dog" in table and "<b>" not in table  # escaped
+    with pytest.raises(gr.Error, match="Choose an image first"):
+        segment(None, "a cat")
+    with pytest.raises(gr.Error, match="empty expression"):
+        segment(str(path), "  \n ")
+    with pytest.raises(gr.Error, match="too many expressions"):
+        segment(str(path), "\n".join(["a cat"] * 17))
+    bad = tmp_path / "notes.png"
+    bad.write_bytes(b"hello")
+    with pytest.raises(gr.Error, match="cannot read 'notes.png'"):
+        segment(str(bad), "a cat")
+    small = Segmenter(Service(predictor, quiet=True, max_pixels=100), tmp_path / "m2")
+    with pytest.raises(gr.Error, match="too large"):
+        small(str(path), "a cat")
+
+
+# ---------------------------------------------------------------------------- CLI and app.py
 
 
 def test_cli_serve_starts_answers_and_stops(tiny, monkeypatch, capsys):
@@ -420,38 +563,70 @@ def test_cli_serve_starts_answers_and_stops(tiny, monkeypatch, capsys):
     monkeypatch.setattr(dmmi.serve, "make_server", lambda *a, **k: servers.append(real(*a, **k)) or servers[-1])
     code = []
     thread = threading.Thread(target=lambda: code.append(cli(["serve", "--checkpoint", str(tiny[0]), "--port", "0",
-                                                              "--device", "cpu"])), daemon=True)
+                                                              "--device", "cpu", "--quiet"])), daemon=True)
     thread.start()
     try:
-        for _ in range(600):
-            if servers or not thread.is_alive():
+        for _ in range(1200):
+            if (servers and servers[0].started) or not thread.is_alive():
                 break
             thread.join(0.05)
-        assert servers, "the server did not start"
+        assert servers and servers[0].started, "the server did not start"
         url = servers[0].url
         status, _, data = request(url + "api/info")
         assert status == 200 and json.loads(data)["model"]["preset"] == "dmmi_tiny"
+        status, headers, page = request(url)
+        assert status == 200 and headers["Content-Type"].startswith("text/html") and b"gradio" in page.lower()
     finally:
         for server in servers:
             server.shutdown()
         thread.join(30)
     assert code == [0]
     out = capsys.readouterr().out
-    assert "dmmi_tiny on cpu" in out and f"open {url}" in out
+    assert "dmmi_tiny on cpu" in out and f"open {url}" in out and "dmmi serve: stopped" in out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_cli_serve_stops_cleanly_on_a_signal(tiny, sig):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "dmmi.cli", "serve", "--checkpoint", str(tiny[0]), "--port", "0",
+                             "--device", "cpu", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=ROOT)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("open "):
+                break
+        assert lines and lines[-1].startswith("open http://127.0.0.1:"), (lines, proc.stderr.read())
+        url = lines[-1].split()[1]
+        for _ in range(100):  # uvicorn accepts once its startup is done
+            try:
+                if request(url + "api/info")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "dmmi serve: stopped" in out and "Traceback" not in err
 
 
 def test_cli_serve_errors(tmp_path, capsys):
-    assert cli(["serve", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    missing = str(tmp_path / "missing.pt")
+    assert cli(["serve", "--checkpoint", missing]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("dmmi: error:") and "\n" not in err
-    assert cli(["serve", "--checkpoint", str(tmp_path / "missing.pt"), "--port", "70000"]) == 2
-    assert "--port" in capsys.readouterr().err
-    assert cli(["serve", "--checkpoint", str(tmp_path / "missing.pt"), "--max-pixels", "0"]) == 2
-    assert "--max-pixels must be a whole number" in capsys.readouterr().err
-    assert cli(["serve", "--checkpoint", str(tmp_path / "missing.pt"), "--max-pending", "0"]) == 2
-    assert "--max-pending must be >= 1" in capsys.readouterr().err
-    assert cli(["serve", "--checkpoint", str(tmp_path / "missing.pt"), "--max-mb", "inf"]) == 2
-    assert "--max-mb must be a number > 0" in capsys.readouterr().err
+    for option, value, words in [("--port", "70000", "--port"), ("--max-pixels", "0", "--max-pixels must be a whole"),
+                                 ("--max-pending", "0", "--max-pending must be >= 1"),
+                                 ("--max-mb", "inf", "--max-mb must be a number > 0"),
+                                 ("--threshold", "2", "--threshold must be"), ("--min-area", "1", "--min-area must")]:
+        assert cli(["serve", "--checkpoint", missing, option, value]) == 2, option
+        err = capsys.readouterr().err.strip()
+        assert words in err and "\n" not in err, (option, err)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
@@ -459,3 +634,51 @@ def test_cli_serve_cuda_hint_names_its_own_option(tiny, capsys):
     assert cli(["serve", "--checkpoint", str(tiny[0]), "--device", "cuda", "--port", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert "no CUDA device" in err and err.endswith("use --device cpu") and "\n" not in err
+
+
+def test_cli_serve_help_has_every_option_explained_and_examples():
+    parser = build_parser()
+    serve = next(a for a in parser._actions if a.dest == "command").choices["serve"]
+    for action in serve._actions:
+        assert action.help, action.option_strings
+    assert serve.epilog.startswith("examples:") and "curl -F image=@" in serve.epilog
+    text = serve.format_help()
+    assert "examples:\n  dmmi serve --checkpoint" in text  # the epilog kept as written
+
+
+def test_the_cli_does_not_import_gradio_or_fastapi():
+    code = ("import sys; from dmmi.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('gradio', 'fastapi', 'uvicorn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+
+
+def test_app_py_without_a_model_says_so_in_one_line(tmp_path):
+    env = {**os.environ, "DMMI_MODEL": str(tmp_path / "nothing-here")}
+    out = subprocess.run([sys.executable, str(ROOT / "app.py")], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=120)
+    assert out.returncode == 2 and out.stdout == ""
+    err = out.stderr.strip()
+    assert "\n" not in err and err.startswith("app.py: no model at") and "DMMI_MODEL" in err
+    env.pop("DMMI_MODEL")
+    out = subprocess.run([sys.executable, str(ROOT / "app.py")], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=120)  # the default ./model is absent here too
+    assert out.returncode == 2 and "no model at 'model'" in out.stderr
+
+
+def test_app_py_builds_the_same_server(tiny, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dmmi_space_app", ROOT / "app.py")
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    monkeypatch.setenv("DMMI_MODEL", str(tiny[0]))
+    assert app.model_source() == str(tiny[0]) and not app.missing(str(tiny[0]))
+    assert not app.missing("owner/name") and app.missing("no/such/dir")
+    server = app.build(app.model_source(), "127.0.0.1", 0, "cpu")
+    try:
+        assert server.service.preset == "dmmi_tiny" and server.url.startswith("http://127.0.0.1:")
+        paths = {getattr(r, "path", None) for r in server.app.routes}
+        assert {"/api/info", "/api/predict"} <= paths and hasattr(server.app.state, "blocks")
+    finally:
+        server.server_close()
