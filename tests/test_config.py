@@ -42,3 +42,40 @@ def test_unknown_preset_and_round_trip(tmp_path):
     again = load_config(str(tmp_path / "c.yaml"))
     assert again.to_dict() == cfg.to_dict()
     assert Config.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
+
+
+def _config_dataclasses():
+    """Config, its sections, and any other dataclass dmmi.config defines (a new section is found too)."""
+    import dataclasses
+    import inspect
+
+    import dmmi.config
+
+    found = {obj for _, obj in inspect.getmembers(dmmi.config, inspect.isclass)
+             if dataclasses.is_dataclass(obj) and obj.__module__ == "dmmi.config"}
+    found |= {type(getattr(Config(), f.name)) for f in dataclasses.fields(Config)
+              if dataclasses.is_dataclass(getattr(Config(), f.name))}
+    return sorted(found, key=lambda c: c.__name__)
+
+
+def test_every_config_field_has_a_one_line_meaning():
+    import dataclasses
+
+    from dmmi.config import TrainConfig, field_help
+
+    classes = _config_dataclasses()
+    assert {c.__name__ for c in classes} >= {"Config", "ModelConfig", "LossConfig", "DataConfig", "TrainConfig",
+                                             "EvalConfig"}
+    missing = [f"{c.__name__}.{f.name}" for c in classes for f in dataclasses.fields(c)
+               if not str(f.metadata.get("help", "")).strip() or "\n" in f.metadata["help"]]
+    assert not missing, f"config fields without a one-line meaning (field(metadata={{'help': ...}})): {missing}"
+    assert field_help(Config, "train") and "learning rate" in field_help(TrainConfig, "lr")
+
+
+def test_meanings_leave_the_defaults_as_they_were():
+    from dmmi.config import DataConfig, LossConfig, ModelConfig, TrainConfig
+
+    assert ModelConfig().backbone == "swin_b" and ModelConfig().depths is None and ModelConfig().drop_path == 0.3
+    assert LossConfig().ce_weights == [0.9, 1.1] and LossConfig().ce_weights is not LossConfig().ce_weights
+    assert DataConfig().val_split == "val" and TrainConfig().lr == 5e-5 and TrainConfig().output_dir == "runs/dmmi"
+    assert Config().model is not Config().model and Config().preset == "custom"
