@@ -28,7 +28,7 @@ def _build(preset: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = build_model(cfg.model).eval()
-    if model.location_prior is not None:  # zero-initialised: give it slopes (a random map has one candidate
+    if "location_prior" in model.logit_hooks:  # zero-initialised: give it slopes (a random map has one candidate
         torch.nn.init.normal_(model.location_prior.slopes.weight, std=0.05)  # only: see the test below)
     return model, cfg
 
@@ -110,7 +110,7 @@ def test_object_location_prior_exports_and_moves_candidates_as_in_torch():
     """demo_lite's object-mode prior (masked max-pool labelling, scatter_reduce box centres): a random
     model's map is one candidate, whose shift is 0 by construction, so the full-model test above cannot
     see this part; here two candidates per map must move by the same amounts in onnxruntime."""
-    from dmmi.models.decoders import LocationPrior
+    from dmmi.models.extras import LocationPrior
 
     torch.manual_seed(0)
     prior = LocationPrior(16, gain=50, mode="object").eval()

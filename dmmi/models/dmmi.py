@@ -5,17 +5,17 @@
       -> hierarchical encoder: 4 x (visual stage, StageFusion/MBA)        Fig. 2a
            -> skips s1..s4 (LayerNorm of each R_v), final words E4*
       -> TextToImageDecoder(skips, E4*) -> 2 class maps -> upsample        Fig. 2b
-         [optional, not in the paper: LocationPrior(E) tilts the foreground map first]
       -> training only: ContextClueRecovery(y8, E') -> E^; ContrastiveHead  Fig. 2c
 
 At inference (``model.eval()``) the erased sentence is not encoded and the CCR branch and the
-contrastive head do not run.
+contrastive head do not run. What is not in the paper (:mod:`dmmi.models.extras`) comes in
+through the parts' hooks, injected by ``build_model``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from torch import nn
 
 from dmmi.errors import DmmiError
 from dmmi.models.backbones import StageBackbone
-from dmmi.models.decoders import ContextClueRecovery, ContrastiveHead, LocationPrior, TextToImageDecoder
+from dmmi.models.decoders import ContextClueRecovery, ContrastiveHead, TextToImageDecoder
 from dmmi.models.text_encoder import TextEncoder
 
 
@@ -46,12 +46,16 @@ class DMMI(nn.Module):
 
     ``compat='ris-dmmi'`` reproduces the authors' computation where ours deliberately differs:
     no word padding mask in the decoder's and CCR's attention.
+
+    ``logit_hooks``: injected modules, none in the paper, each (logits (B, 2, H/4, W/4), words E
+    (B, L, Ct), word_mask (B, L)) -> logits, applied in order before the upsampling; each is a
+    submodule under its name (its state-dict prefix).
     """
 
     def __init__(self, *, text_encoder: Optional[TextEncoder], visual: StageBackbone, fusions: nn.ModuleList,
                  decoder: TextToImageDecoder, ccr: Optional[ContextClueRecovery] = None,
                  contrastive: Optional[ContrastiveHead] = None, compat: str = "dmmi",
-                 location_prior: Optional[LocationPrior] = None):
+                 logit_hooks: Optional[Mapping[str, nn.Module]] = None):
         super().__init__()
         self.text_encoder = text_encoder
         self.visual = visual
@@ -60,7 +64,11 @@ class DMMI(nn.Module):
         self.ccr = ccr
         self.contrastive = contrastive
         self.compat = compat
-        self.location_prior = location_prior
+        for name, hook in (logit_hooks or {}).items():
+            if hasattr(self, name):
+                raise DmmiError(f"logit hook {name!r} would replace the model's own {name!r}")
+            self.add_module(name, hook)
+        self.logit_hooks = tuple(logit_hooks or ())  # their names, in order
 
     # ---------------------------------------------------------------- encoder (Fig. 2a)
     def encode(self, images: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor):
@@ -88,8 +96,8 @@ class DMMI(nn.Module):
         word_pad = None if self.compat == "ris-dmmi" else ~word_mask.bool()  # (B, L) True = padding
         maps = self.decoder(skips, words_final, word_pad)
         logits = maps.logits  # (B, 2, H/4, W/4)
-        if self.location_prior is not None:
-            logits = self.location_prior(logits, words, word_mask)
+        for name in self.logit_hooks:
+            logits = getattr(self, name)(logits, words, word_mask)  # (B, 2, H/4, W/4)
         logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=True)
         out = DMMIOutput(logits=logits, words_final=words_final, skips=skips)
         if self.training:

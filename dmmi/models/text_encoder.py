@@ -11,8 +11,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
-from collections import OrderedDict
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
@@ -50,19 +50,18 @@ def _hub_error(name: str, e: Exception) -> DmmiError:
 class TextEncoder(nn.Module):
     """BERT-like encoder -> word features (B, L, Ct). ``width`` is Ct.
 
-    ``cache_size`` > 0 with ``frozen``: keep the word features of up to that many expressions
-    (least recently used go first), keyed by their token ids, attention mask, device and autocast
-    dtype, and encode only the rows not seen before. A frozen encoder is a fixed function of its
-    input, so a hit returns what encoding would (up to float rounding: a row's features moved by
-    up to 5e-6 with the other rows of its batch, MiniLM, fp32). Loading weights or moving the module empties it.
-    Costs L x Ct floats per cached expression on the encoder's device (20 x 384 x 4 B = 30 KB for
-    MiniLM) and, on a GPU, one small host copy of the ids per call (to build the keys).
+    ``cache``: an injected module (encode, input_ids, attention_mask) -> features (B, L, Ct) that
+    may answer from memory instead of calling ``encode`` (build_model: extras.TextFeatureCache);
+    only for a frozen encoder, a fixed function of its input. Not in the paper.
     """
 
     def __init__(self, name_or_path: str, *, pretrained: bool = True, config_overrides: dict | None = None,
-                 trainable_layers: int | None = None, frozen: bool = False, cache_size: int = 0):
+                 trainable_layers: int | None = None, frozen: bool = False, cache: Optional[nn.Module] = None):
         super().__init__()
         from transformers import AutoConfig, AutoModel
+
+        if cache is not None and not frozen:
+            raise DmmiError("model.text_cache needs model.text_frozen=true (a trained encoder changes every step)")
 
         path = resolve_text_model(name_or_path)
         try:
@@ -90,23 +89,7 @@ class TextEncoder(nn.Module):
         self.frozen = frozen
         if frozen:
             self.bert.requires_grad_(False)
-        if cache_size < 0:
-            raise DmmiError(f"model.text_cache must be >= 0, got {cache_size}")
-        self.cache_size = cache_size
-        self._cache: OrderedDict = OrderedDict()  # key -> (L, Ct) features
-        self.cache_hits = 0
-        self.cache_misses = 0
-
-    def clear_cache(self) -> None:
-        self._cache.clear()
-
-    def _apply(self, fn, *args, **kwargs):  # .to() / .cuda() / .half(): cached features are stale
-        self.clear_cache()
-        return super()._apply(fn, *args, **kwargs)
-
-    def _load_from_state_dict(self, *args, **kwargs):  # new weights: cached features are stale
-        self.clear_cache()
-        return super()._load_from_state_dict(*args, **kwargs)
+        self.cache = cache
 
     def freeze_after(self, n_layers: int) -> None:
         """Train the embeddings and the first ``n_layers`` layers only (the authors: 10)."""
@@ -122,10 +105,8 @@ class TextEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids, attention_mask: (B, L) -> word features (B, L, Ct)."""
-        # the cache reads the ids on the host: it steps aside under torch.compile and CUDA-graph capture
-        if (self.frozen and self.cache_size and not torch.compiler.is_compiling()
-                and not (input_ids.is_cuda and torch.cuda.is_current_stream_capturing())):
-            return self._cached_forward(input_ids, attention_mask)
+        if self.cache is not None:
+            return self.cache(self._encode, input_ids, attention_mask)
         return self._encode(input_ids, attention_mask)
 
     def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -138,26 +119,3 @@ class TextEncoder(nn.Module):
         if not _READY_MASKS or getattr(self.bert.config, "_attn_implementation", None) != "sdpa":
             return attention_mask
         return attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L), broadcast over heads and queries
-
-    def _cached_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        device = input_ids.device
-        amp = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-        ids, mask = input_ids.cpu().numpy(), attention_mask.cpu().numpy()  # (B, L) each, a small host copy
-        keys = [(str(device), amp, ids[i].tobytes(), mask[i].tobytes()) for i in range(len(ids))]
-        todo: dict = {}  # key -> first row with it
-        for i, key in enumerate(keys):
-            if key not in self._cache and key not in todo:
-                todo[key] = i
-        if todo:
-            rows = torch.tensor(list(todo.values()), device=device)
-            fresh = self._encode(input_ids[rows], attention_mask[rows])  # (n_new, L, Ct)
-            for key, feats in zip(todo, fresh):
-                self._cache[key] = feats.clone()  # its own storage: evicting one row frees it
-        self.cache_misses += len(todo)
-        self.cache_hits += len(keys) - len(todo)
-        out = torch.stack([self._cache[key] for key in keys])  # (B, L, Ct)
-        for key in keys:
-            self._cache.move_to_end(key)
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-        return out

@@ -34,7 +34,7 @@ from dmmi.config import load_config
 from dmmi.engine.compiled import GraphedForward, compile_options, loss_step
 from dmmi.engine.fastpath import autocast, prepare_model
 from dmmi.models import build_model
-from dmmi.models.decoders import LocationPrior
+from dmmi.models.extras import LocationPrior
 
 BACKEND = os.environ.get("DMMI_COMPILE_BACKEND", "aot_eager")
 _INDUCTOR = dict(loss=1e-4, logits=1e-5, grad_atol=1e-2, grad_rtol=0.0, grad_norm=2e-2)

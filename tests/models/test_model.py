@@ -218,7 +218,7 @@ def test_frozen_stages_through_the_config_reach_the_model():
 
 # ------------------------------------------------------------------ decoder position codes
 def test_sine_position_codes_separate_rows_and_columns():
-    from dmmi.models.decoders import sine_position_codes
+    from dmmi.models.extras import sine_position_codes
 
     codes = sine_position_codes(3, 5, 16).reshape(3, 5, 16)  # (h, w, dim)
     assert codes.abs().max() <= 1.0
@@ -237,9 +237,10 @@ def test_word_query_layer_sees_position_only_with_codes(pos_embed):
     """Without position codes psi is blind to where a token is (a mirrored image gives the mirrored
     output); with them it is not, which is what "leftmost" needs."""
     from dmmi.models.decoders import WordQueryLayer
+    from dmmi.models.extras import SinePositionCodes
 
     torch.manual_seed(0)
-    layer = WordQueryLayer(16, 2, 32, 0.0, pos_embed=pos_embed).eval()
+    layer = WordQueryLayer(16, 2, 32, 0.0, token_hook=SinePositionCodes(16) if pos_embed else None).eval()
     x, words = torch.randn(1, 16, 4, 6), torch.randn(1, 3, 16)
     with torch.no_grad():
         out, out_mirrored = layer(x, words, None), layer(x.flip(-1), words, None)
@@ -249,8 +250,12 @@ def test_word_query_layer_sees_position_only_with_codes(pos_embed):
 def test_decoder_pos_embed_is_off_in_the_paper_presets_and_on_in_the_demo():
     assert not any(load_config(p).model.decoder_pos_embed for p in ("dmmi_swin_b", "dmmi_r101", "dmmi_lite"))
     assert load_config("demo_lite").model.decoder_pos_embed
+    from dmmi.models.extras import SinePositionCodes
+
     model = build_preset("dmmi_tiny", ["model.decoder_pos_embed=true"])
-    assert model.decoder.query_16.pos_embed and model.decoder.query_8.pos_embed
+    assert isinstance(model.decoder.query_16.token_hook, SinePositionCodes)
+    assert isinstance(model.decoder.query_8.token_hook, SinePositionCodes)
+    assert build_preset("dmmi_tiny").decoder.query_16.token_hook is None  # the paper's psi
     with pytest.raises(DmmiError, match="decoder_pos_embed needs a decoder width divisible by 4, got 30"):
         build_preset("dmmi_tiny", ["model.decoder_pos_embed=true", "model.decoder_dim=30", "model.decoder_heads=2"])
 
@@ -283,7 +288,7 @@ def test_decoders_use_the_math_attention_kernel_for_short_sequences_on_cpu():
 def test_location_prior_starts_neutral_and_tilts_the_foreground_by_the_sentence():
     """Zero-initialised it changes nothing; with slopes it adds g_x * x + g_y * y (x, y centred in
     [-1, 1]) to the foreground logit only, g from the masked mean of the words (padding ignored)."""
-    from dmmi.models.decoders import LocationPrior
+    from dmmi.models.extras import LocationPrior
 
     torch.manual_seed(0)
     prior = LocationPrior(8, gain=1.0)
@@ -306,7 +311,7 @@ def test_location_prior_starts_neutral_and_tilts_the_foreground_by_the_sentence(
 
 
 def test_candidate_box_centres_are_constant_over_each_connected_region():
-    from dmmi.models.decoders import candidate_box_centres
+    from dmmi.models.extras import candidate_box_centres
 
     h, w = 9, 12
     xs, ys = torch.linspace(-1, 1, w), torch.linspace(-1, 1, h)
@@ -328,7 +333,7 @@ def test_object_location_prior_raises_the_extreme_candidate_wherever_the_candida
     """mode object: each candidate region moves by g . (its box centre - the candidates' mean), the
     mean weighted by probability; the same shifts when the pair sits in the left or the right half
     (a pixel tilt would lower both in the wrong half); background and candidate-free samples stay."""
-    from dmmi.models.decoders import LocationPrior
+    from dmmi.models.extras import LocationPrior
 
     h, w = 12, 24
 
@@ -371,8 +376,12 @@ def test_location_prior_is_off_in_the_paper_presets_and_reaches_the_logits_when_
     assert load_config("demo_lite").model.location_prior and load_config("demo_lite").loss.w_empty > 0
     assert load_config("demo_lite").model.location_prior_mode == "object"
     assert load_config("dmmi_lite").model.location_prior_mode == "pixel"  # the default, as older checkpoints
-    assert build_preset(TINY).location_prior is None
+    from dmmi.models.extras import LocationPrior
+
+    plain = build_preset(TINY)
+    assert plain.logit_hooks == () and not any(isinstance(m, LocationPrior) for m in plain.modules())
     model = build_preset(TINY, ["model.location_prior=true"]).eval()
+    assert model.logit_hooks == ("location_prior",) and isinstance(model.location_prior, LocationPrior)
     assert not any(k.startswith("location_prior") for k in build_preset(TINY).state_dict())  # parity keys unchanged
     images, ids, mask, *_ = _batch()
     with torch.no_grad():
@@ -382,3 +391,34 @@ def test_location_prior_is_off_in_the_paper_presets_and_reaches_the_logits_when_
     gain = (after[:, 1] - after[:, 0]) - (before[:, 1] - before[:, 0])  # (B, H, W)
     assert (gain[:, :, -1] > 3.0).all() and (gain[:, :, 0] < -3.0).all()
     assert torch.allclose(gain[:, 5], gain[:, 40], atol=1e-4)  # a tilt along x only
+
+
+def test_the_paper_modules_carry_no_extras_and_read_no_config():
+    """What is not in the paper lives in dmmi.models.extras and is injected by build_model: the
+    modules of Fig. 2 import neither it nor the configuration."""
+    import ast
+    from pathlib import Path
+
+    import dmmi.models
+
+    root = Path(dmmi.models.__file__).parent
+    for name in ("decoders.py", "mba.py", "dmmi.py", "text_encoder.py", "backbones.py"):
+        tree = ast.parse((root / name).read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not imported & {"dmmi.config", "dmmi.models.extras"}, (name, imported)
+    source = "".join((root / n).read_text() for n in ("decoders.py", "mba.py", "dmmi.py", "text_encoder.py"))
+    for extra in ("LocationPrior", "location_prior", "sine_position_codes", "pos_embed", "cache_size", "OrderedDict"):
+        assert extra not in source, extra
+
+
+def test_a_logit_hook_may_not_replace_a_part_of_the_network():
+    from torch import nn
+
+    from dmmi.models import DMMI
+
+    m = build_preset(TINY)
+    parts = dict(text_encoder=None, visual=m.visual, fusions=m.fusions, decoder=m.decoder)
+    with pytest.raises(DmmiError, match="logit hook 'decoder' would replace"):
+        DMMI(**parts, logit_hooks={"decoder": nn.Identity()})
+    assert DMMI(**parts, logit_hooks={"tilt": nn.Identity()}).logit_hooks == ("tilt",)

