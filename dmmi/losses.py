@@ -1,6 +1,11 @@
 """DMMI's losses as pure functions (paper Eq. 8-11, SPEC §2).
 
-    L = L_ce + w_sim * L_sim + w_con * L_con
+    L = L_ce + w_sim * L_sim + w_con * L_con                    (the paper: paper_loss)
+      [+ w_empty * L_empty]                                     (not in the paper, loss.w_empty)
+
+Two parts: the paper's terms and :func:`paper_loss`; then what is not in the paper (L_empty) and
+:func:`dmmi_loss`, which adds it where LossConfig asks (the losses' counterpart of build_model;
+the model-side extras are in :mod:`dmmi.models.extras`).
 
 delta (B,) is 1 for samples that refer to at least one object and 0 for zero-target
 samples; L_sim and L_con ignore delta = 0 samples but still divide by the batch size B.
@@ -22,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 
+# ------------------------------------------------------------------ the paper (Eq. 8-11)
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, class_weights=(0.9, 1.1)) -> torch.Tensor:
     """L_ce: weighted 2-class cross-entropy. logits (B, 2, H, W), target (B, H, W) in {0, 1}.
 
@@ -67,6 +73,40 @@ def contrastive_loss(pooled_visual: torch.Tensor, pooled_text: torch.Tensor, del
     return i2t + t2i
 
 
+@dataclass
+class LossTerms:
+    total: torch.Tensor
+    ce: torch.Tensor
+    sim: Optional[torch.Tensor] = None
+    con: Optional[torch.Tensor] = None
+    empty: Optional[torch.Tensor] = None
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in (("loss", self.total), ("loss_ce", self.ce), ("loss_sim", self.sim),
+                                  ("loss_con", self.con), ("loss_empty", self.empty)) if v is not None}
+
+
+def paper_loss(logits, words_final, reconstructed, pooled_visual, pooled_text, target, word_mask, delta, cfg,
+               *, compat: bool = False) -> LossTerms:
+    """L_ce + w_sim * L_sim + w_con * L_con from the model's outputs (as they come: no casts).
+
+    logits (B, 2, H, W); words_final, reconstructed (B, L, Ct) or None; pooled_visual, pooled_text
+    (B, Ct) or None; target (B, H, W); word_mask (B, L); delta (B,). cfg: LossConfig (ce_weights,
+    w_sim, w_con, temperature). Terms whose branch did not run (None: ablations, eval) are left out.
+    """
+    ce = segmentation_loss(logits, target, cfg.ce_weights)
+    total = ce
+    sim = con = None
+    if reconstructed is not None:
+        sim = similarity_loss(words_final, reconstructed, word_mask, delta, compat=compat)
+        total = total + cfg.w_sim * sim
+    if pooled_visual is not None:
+        con = contrastive_loss(pooled_visual, pooled_text, delta, cfg.temperature)
+        total = total + cfg.w_con * con
+    return LossTerms(total=total, ce=ce, sim=sim, con=con)
+
+
+# ------------------------------------------------------------------ not in the paper
 def empty_mask_loss(logits: torch.Tensor, delta: torch.Tensor, top_share: float = 0.005) -> torch.Tensor:
     """L_empty (not in the paper): softplus of the mean of the top ``top_share`` foreground
     margins (logit 1 - logit 0) of each zero-target sample, summed over those samples and divided
@@ -83,50 +123,24 @@ def empty_mask_loss(logits: torch.Tensor, delta: torch.Tensor, top_share: float 
     return (F.softplus(worst) * zero).sum() / logits.shape[0]
 
 
-@dataclass
-class LossTerms:
-    total: torch.Tensor
-    ce: torch.Tensor
-    sim: Optional[torch.Tensor] = None
-    con: Optional[torch.Tensor] = None
-    empty: Optional[torch.Tensor] = None
-
-    def as_dict(self) -> dict:
-        return {k: v for k, v in (("loss", self.total), ("loss_ce", self.ce), ("loss_sim", self.sim),
-                                  ("loss_con", self.con), ("loss_empty", self.empty)) if v is not None}
-
-
 def dmmi_loss(out, target: torch.Tensor, word_mask: torch.Tensor, delta: torch.Tensor, cfg,
               *, compat: bool = False) -> LossTerms:
-    """Total loss from a DMMIOutput. cfg: LossConfig (ce_weights, w_sim, w_con, temperature).
+    """The training loss from a DMMIOutput: :func:`paper_loss`, plus ``cfg.w_empty`` * L_empty when
+    that weight is set. cfg: LossConfig.
 
-    Terms whose branch did not run (ablations, eval mode) are left out. Computed in fp32
-    whatever the caller's autocast state (the gradients flow back through the casts).
+    Computed in fp32 whatever the caller's autocast state (the gradients flow back through the casts).
     """
     device_type = out.logits.device.type
     with torch.autocast(device_type=device_type, enabled=False):
-        return _dmmi_loss_fp32(_float(out.logits), _float(out.words_final), _float(out.reconstructed),
-                               _float(out.pooled_visual), _float(out.pooled_text), target, word_mask, delta, cfg,
-                               compat=compat)
+        logits = _float(out.logits)
+        terms = paper_loss(logits, _float(out.words_final), _float(out.reconstructed), _float(out.pooled_visual),
+                           _float(out.pooled_text), target, word_mask, delta, cfg, compat=compat)
+        if not cfg.w_empty:
+            return terms
+        empty = empty_mask_loss(logits, delta)
+        return LossTerms(total=terms.total + cfg.w_empty * empty, ce=terms.ce, sim=terms.sim, con=terms.con,
+                         empty=empty)
 
 
 def _float(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t if t is None or t.dtype == torch.float32 else t.float()
-
-
-def _dmmi_loss_fp32(logits, words_final, reconstructed, pooled_visual, pooled_text, target, word_mask, delta, cfg,
-                    *, compat: bool) -> LossTerms:
-    ce = segmentation_loss(logits, target, cfg.ce_weights)
-    total = ce
-    sim = con = None
-    if reconstructed is not None:
-        sim = similarity_loss(words_final, reconstructed, word_mask, delta, compat=compat)
-        total = total + cfg.w_sim * sim
-    if pooled_visual is not None:
-        con = contrastive_loss(pooled_visual, pooled_text, delta, cfg.temperature)
-        total = total + cfg.w_con * con
-    empty = None
-    if cfg.w_empty:
-        empty = empty_mask_loss(logits, delta)
-        total = total + cfg.w_empty * empty
-    return LossTerms(total=total, ce=ce, sim=sim, con=con, empty=empty)

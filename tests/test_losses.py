@@ -102,6 +102,24 @@ def test_empty_mask_loss_joins_the_total_only_with_a_weight():
         LossConfig(w_empty=-1)
 
 
+def test_paper_loss_is_eq_8_11_only_and_dmmi_loss_adds_l_empty_to_it():
+    """The paper's loss ignores loss.w_empty; dmmi_loss is it plus w_empty * L_empty, nothing else."""
+    from dmmi.losses import empty_mask_loss, paper_loss
+
+    out, target, mask, delta = _bf16_outputs()
+    f = {k: getattr(out, k).float() for k in ("logits", "words_final", "reconstructed", "pooled_visual", "pooled_text")}
+    cfg = LossConfig(w_empty=0.5)
+    paper = paper_loss(f["logits"], f["words_final"], f["reconstructed"], f["pooled_visual"], f["pooled_text"],
+                       target, mask, delta, cfg)
+    assert paper.empty is None
+    expected = paper.ce + cfg.w_sim * paper.sim + cfg.w_con * paper.con
+    assert torch.equal(paper.total, expected)
+    full = dmmi_loss(out, target, mask, delta, cfg)
+    assert torch.equal(full.empty, empty_mask_loss(f["logits"], delta)) and full.empty > 0
+    assert torch.equal(full.total, paper.total + 0.5 * full.empty)
+    assert torch.equal(dmmi_loss(out, target, mask, delta, LossConfig()).total, paper.total)
+
+
 def _bf16_outputs(seed=0, B=6, L=5, C=16):
     """Model outputs as bf16 autocast leaves them (bf16 tensors), with their targets."""
     g = torch.Generator().manual_seed(seed)
