@@ -312,8 +312,8 @@ class EfficientNetLiteBackbone(StageBackbone):
     @staticmethod
     def _cpu_fp32(x: torch.Tensor) -> bool:
         """Run in fp32 on CPU even under bf16 autocast: oneDNN's bf16 depthwise convolutions are
-        slower than fp32 ones (fwd + bwd of this backbone at 96 px, batch 16, 2 threads of an
-        AMX Xeon: 228 ms in bf16, 141 ms in fp32). On GPU autocast applies as usual."""
+        slower than fp32 ones (benchmarks/README.md, "Notes moved from the model code"). On GPU
+        autocast applies as usual."""
         return x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
 
     def stem(self, images):

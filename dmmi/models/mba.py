@@ -42,11 +42,9 @@ class PointwiseConv1d(nn.Conv1d):
     """``nn.Conv1d(cin, cout, 1)`` computed as one matrix product: (B, cin, N) -> (B, cout, N).
 
     Same parameters and state-dict keys as the convolution (the authors' weights load as they
-    are). On a CPU the convolution pays a fixed cost of about 0.3 ms forward and 0.7 ms backward
-    per call (mkldnn), which dominated MBA's small maps: demo_lite's training features step (96
-    px, batch 16, 2 threads, bf16) went 392 -> 361 ms, and Swin-B's MBA stages at 448 px (fp32,
-    batch 1) are equal or up to 17% faster (GPU: not measured yet). The result is a transposed
-    view (channel stride 1); making it contiguous measured the same.
+    are). On a CPU the convolution pays a fixed cost per call (mkldnn), which dominated MBA's
+    small maps (benchmarks/README.md, "Notes moved from the model code"). The result is a
+    transposed view (channel stride 1).
     """
 
     def __init__(self, cin: int, cout: int, bias: bool = True):
