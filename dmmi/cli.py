@@ -21,15 +21,32 @@ COMMAND_MODULES = (
     "dmmi.data.cli",  # data synth, data stats
     "dmmi.convert",  # convert
     "dmmi.export",  # export
-    "dmmi.info",  # presets
+    "dmmi.info",  # presets, config show
     "dmmi.serve",  # serve
 )
+
+
+EPILOG = """\
+common commands:
+  dmmi demo                                                 # the whole system on synthetic data (CPU, offline)
+  dmmi predict photo.jpg "the dog on the left" --checkpoint runs/demo/best.pt --out preds/
+  dmmi serve --checkpoint runs/demo/best.pt                 # a web page on http://127.0.0.1:7860
+  dmmi data synth --out data/synth
+  dmmi train --config dmmi_tiny --set data.root=data/synth --set train.output_dir=runs/tiny
+  dmmi evaluate --checkpoint runs/tiny/best.pt --split test
+  dmmi presets                                              # the presets; dmmi config show PRESET: their fields
+  dmmi convert refzom_swin_b.pth --out dmmi_refzom_swin_b.pt
+
+`dmmi COMMAND --help` shows each command's options and examples.
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dmmi",
         description="Referring image segmentation beyond one-to-one (DMMI, ICCV 2023).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"dmmi {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
