@@ -236,18 +236,62 @@ def _is_dmmi_file(src: str) -> bool:
     return isinstance(payload, dict) and payload.get("format") in ("dmmi-model", "dmmi-checkpoint")
 
 
+CONVERT_EXAMPLES = """\
+examples:
+  dmmi convert refzom_swin_b.pth --out dmmi_refzom_swin_b.pt          # preset guessed from the tensors
+  dmmi convert grefumd_r101.pth --out dmmi_grefumd_r101.safetensors --preset dmmi_r101
+  dmmi convert refzom_swin_b.pth --out dmmi_refzom_480.pt --set model.image_size=480   # the authors' size
+  dmmi convert runs/demo/best.pt --out my-dmmi/                       # a dmmi model -> a model directory
+"""
+
+
 def register(subparsers) -> None:
-    p = subparsers.add_parser("convert", help="convert the authors' released checkpoint into dmmi's format")
+    import argparse
+
+    p = subparsers.add_parser("convert", help="convert the authors' released checkpoint into dmmi's format",
+                              description="Convert the authors' released DMMI checkpoint (RIS-DMMI) into dmmi's "
+                                          "format,\nor rewrite a dmmi model file in another layout.",
+                              epilog=CONVERT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="the authors' .pth (dict with model + bert_model), or a dmmi model file")
     p.add_argument("--out", required=True,
                    help="output: FILE.pt (weights-only torch), FILE.safetensors, or DIR (a Hub-style model directory: "
                         "config.json + model.safetensors + README.md)")
-    p.add_argument("--preset", default=None, help="dmmi_swin_b | dmmi_swin_t | dmmi_r101 (guessed if omitted)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--preset", default=None,
+                   help="dmmi_swin_b | dmmi_swin_t | dmmi_r101 (guessed if omitted; the authors' checkpoints only)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field of the converted model, e.g. --set model.image_size=480 "
+                        "(repeatable; the authors' checkpoints only)")
     p.set_defaults(func=_cmd_convert)
 
 
+def _check_convert_args(args) -> None:
+    """One-line DmmiError for a bad --preset / --set / --out before the checkpoint is read or anything written."""
+    import os
+
+    from dmmi.config import Config, apply_overrides, load_config
+
+    if not Path(args.checkpoint).exists():
+        raise DmmiError(f"checkpoint not found: {args.checkpoint}")
+    if args.preset:
+        load_config(args.preset, ["model.compat=ris-dmmi", "model.text_pretrained=false", *args.overrides])
+    else:
+        Config.from_dict(apply_overrides({}, args.overrides), source="--set")
+    out = Path(args.out)
+    as_dir = out.is_dir() or not out.suffix  # a model directory
+    if as_dir and out.exists() and not out.is_dir():
+        raise DmmiError(f"--out {out}: is a file; a model directory (no suffix) needs a folder")
+    probe = next(q for q in ([out] if as_dir else []) + [*out.parents, Path(".")] if q.exists())
+    if not probe.is_dir():
+        raise DmmiError(f"--out {out}: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise DmmiError(f"--out {out}: {probe} is not writable")
+    if (args.preset or args.overrides) and _is_dmmi_file(args.checkpoint):
+        raise DmmiError(f"--preset / --set: {args.checkpoint} is a dmmi model, whose config is kept; they apply to "
+                        "the authors' checkpoints only")
+
+
 def _cmd_convert(args) -> int:
+    _check_convert_args(args)
     report = convert_checkpoint(args.checkpoint, args.out, args.preset, args.overrides)
     print(f"converted {report['converted']} tensors into {report['out']} (preset {report['preset']}, "
           f"compat {report['compat']})")

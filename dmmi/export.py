@@ -237,16 +237,48 @@ def export_model(model_path: str, out: str, fmt: str = "onnx") -> dict:
     return export_onnx(model, cfg, out, source=str(model_path))
 
 
+EXPORT_EXAMPLES = """\
+examples:
+  dmmi export runs/demo/best.pt --format onnx --out m.onnx        # -> m.onnx + m.onnx.json
+  dmmi export my-dmmi/ --out exported/dmmi.onnx                   # a model directory; exported/ is created
+"""
+
+
 def register(subparsers) -> None:
-    p = subparsers.add_parser("export", help="export a model's inference graph (ONNX) with a JSON sidecar")
+    import argparse
+
+    p = subparsers.add_parser("export", help="export a model's inference graph (ONNX) with a JSON sidecar",
+                              description="Export a model's inference graph (ONNX) with a JSON sidecar saying how "
+                                          "to feed it\n(pre-processing, tokenizer, logits -> mask). Needs "
+                                          "pip install 'dmmi[onnx]'.",
+                              epilog=EXPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="a model file (.pt / .safetensors), a model directory or a Hub repo id")
     p.add_argument("--format", default="onnx", help=f"{' | '.join(FORMATS)} (default onnx)")
     p.add_argument("--out", required=True, help="output file, e.g. m.onnx; the sidecar goes to m.onnx.json")
     p.set_defaults(func=_cmd_export)
 
 
+def _check_out_creates_nothing(out: str | Path) -> None:
+    """:func:`check_out`'s refusals without creating the missing folders (the model is read first)."""
+    out = Path(out)
+    for path, what in ((out, "--out"), (sidecar_path(out), "--out's sidecar")):
+        if path.is_dir():
+            raise DmmiError(f"{what} {path}: is a folder; give a file name such as {path / 'model.onnx'}")
+    probe = next((q for q in out.parents if q.exists()), Path("."))
+    if not probe.is_dir():
+        raise DmmiError(f"--out {out}: cannot write there ({probe} is not a folder)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise DmmiError(f"--out {out}: cannot write there ({probe} is not writable)")
+
+
 def _cmd_export(args) -> int:
-    info = export_model(args.model, args.out, args.format)
+    check_format(args.format)
+    check_onnx_packages()
+    _check_out_creates_nothing(args.out)  # then the model is read: a bad one leaves no folder behind
+    from dmmi.models.io import load_model_file
+
+    model, cfg = load_model_file(args.model)
+    info = export_onnx(model, cfg, args.out, source=str(args.model))  # check_out creates --out's folder
     out = Path(args.out)
     size = out.stat().st_size + (out.with_name(out.name + ".data").stat().st_size if info["external_data"] else 0)
     print(f"exported {info['preset']} to {out} ({size / 2**20:.1f} MiB, opset {info['opset']}, batch dynamic, "

@@ -9,22 +9,42 @@ from pathlib import Path
 from dmmi.errors import DmmiError
 
 
+SYNTH_EXAMPLES = """\
+examples:
+  dmmi data synth --out data/synth                         # 600 images, 128 px, seed 0
+  dmmi data synth --out data/synth800 --images 800 --seed 1 --size 96 --splits 0.9,0.05,0.05
+  dmmi data synth --out data/hard --max-objects 6 --hard-share 0.9 --json
+"""
+
+STATS_EXAMPLES = """\
+examples:
+  dmmi data stats data/synth                               # a folder from `dmmi data synth`
+  dmmi data stats /data/refer --format refer --dataset refcocog --split-by umd
+  dmmi data stats /data/refer --format grefcoco --json
+"""
+
+
 def register(subparsers) -> None:
-    data = subparsers.add_parser("data", help="datasets: generate the synthetic set, describe a dataset")
+    raw = argparse.RawDescriptionHelpFormatter
+    data = subparsers.add_parser("data", help="datasets: generate the synthetic set, describe a dataset",
+                                 description="Datasets: generate the synthetic set, describe a dataset.",
+                                 epilog="examples:\n  dmmi data synth --out data/synth\n"
+                                        "  dmmi data stats data/synth\n", formatter_class=raw)
     sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     data.set_defaults(func=lambda args: _help(data))
 
     synth = sub.add_parser(
         "synth",
         help="write the synthetic zero/one/many shapes dataset (Ref-ZOM layout)",
-        description="Write <out>/synthetic/refs(final).p, <out>/synthetic/instances.json and "
-        "<out>/images/*.png: coloured shapes with expressions that refer to zero, one or many of them.",
+        description="Write <out>/synthetic/refs(final).p, <out>/synthetic/instances.json and <out>/images/*.png:\n"
+        "coloured shapes with expressions that refer to zero, one or many of them.",
+        epilog=SYNTH_EXAMPLES, formatter_class=raw,
     )
     # --out is checked in the handler so that a missing value is a one-line DmmiError
     synth.add_argument("--out", metavar="DIR", help="output folder (required)")
     synth.add_argument("--images", metavar="N", default=600, help="number of images (default 600)")
     synth.add_argument("--seed", metavar="S", default=0, help="random seed (default 0)")
-    synth.add_argument("--size", metavar="PX", default=128, help="image side in pixels (default 128)")
+    synth.add_argument("--size", metavar="PX", default=128, help="image side in pixels, >= 64 (default 128)")
     synth.add_argument("--refs-per-image", metavar="K", default=4,
                        help="expressions per image (default 4)")
     synth.add_argument("--max-objects", metavar="K", default=5, help="at most K shapes per image, 2..6 (default 5)")
@@ -35,12 +55,15 @@ def register(subparsers) -> None:
     synth.add_argument("--json", action="store_true", help="print the summary as JSON")
     synth.set_defaults(func=cmd_synth)
 
-    stats = sub.add_parser("stats", help="counts of images, objects, expressions and zero/one/many types")
+    stats = sub.add_parser("stats", help="counts of images, objects, expressions and zero/one/many types",
+                           description="Counts of images, objects, expressions and zero/one/many types per split.",
+                           epilog=STATS_EXAMPLES, formatter_class=raw)
     stats.add_argument("root", metavar="DIR", nargs="?", help="dataset root (holds <dataset>/refs(...).p)")
     stats.add_argument("--format", default="refzom", help="refzom | refer | grefcoco (default refzom)")
     stats.add_argument("--dataset", default=None, help="dataset folder name under DIR (default: the format's own; "
                        "a folder from `dmmi data synth` is found by itself)")
-    stats.add_argument("--split-by", dest="split_by", default=None, help="unc | umd | google | final")
+    stats.add_argument("--split-by", dest="split_by", default=None,
+                       help="unc | umd | google | final (default: the format's own)")
     stats.add_argument("--json", action="store_true", help="print the statistics as JSON")
     stats.set_defaults(func=cmd_stats)
 

@@ -10,28 +10,89 @@ from dmmi.errors import DmmiError
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
+TRAIN_EXAMPLES = """\
+examples:
+  # the synthetic zero/one/many dataset, then a test-sized model on it (CPU, a few minutes)
+  dmmi data synth --out data/synth
+  dmmi train --config dmmi_tiny --set data.root=data/synth --set train.output_dir=runs/tiny
+
+  # DMMI Swin-B on Ref-ZOM (the preset selects best.pt on 5% of the train images, held out)
+  dmmi train --config dmmi_swin_b --set data.root=/data/refer --set data.image_root=/data/coco
+
+  # ... on RefCOCO (it has a val split)
+  dmmi train --config dmmi_swin_b --set data.root=/data/refer --set data.image_root=/data/coco \\
+             --set data.format=refer --set data.dataset=refcoco --set data.val_split=val \\
+             --set data.val_from_train=0
+
+  # continue a stopped run exactly (train.output_dir's last.pt)
+  dmmi train --config dmmi_tiny --set data.root=data/synth --set train.output_dir=runs/tiny --resume auto
+
+  # several GPUs: train.batch_size stays the global batch
+  torchrun --nproc_per_node 4 -m dmmi.cli train --config dmmi_swin_b --set data.root=/data/refer
+
+  # every config field, its value and meaning
+  dmmi config show dmmi_swin_b
+"""
+
+EVALUATE_EXAMPLES = """\
+examples:
+  dmmi evaluate --checkpoint runs/tiny/best.pt --split test
+  dmmi evaluate --checkpoint runs/dmmi/best.pt --split test --gallery gallery/ --json results.json
+  dmmi evaluate --checkpoint runs/dmmi/best.pt --split val --sweep-threshold sweep.png
+  dmmi evaluate --checkpoint dmmi_grefumd_swin_b.pt --data /data/refer --set data.format=refer \\
+                --set data.dataset=refcocog --set data.split_by=umd --split val
+  torchrun --nproc_per_node 8 -m dmmi.cli evaluate --checkpoint runs/dmmi/best.pt --split test
+"""
+
+PREDICT_EXAMPLES = """\
+examples:
+  dmmi predict photo.jpg "the two dogs on the left" "a red car" --checkpoint runs/demo/best.pt --out preds/
+  dmmi predict photos/ "the cat" --model my-dmmi/ --threshold 0.7
+  dmmi predict --jobs jobs.jsonl --out results.jsonl --checkpoint runs/demo/best.pt
+      (jobs.jsonl: one {"image": "a.jpg", "expressions": ["the dog", "a cat"]} per line)
+"""
+
+DEMO_EXAMPLES = """\
+examples:
+  dmmi demo                                   # generate the data once, train demo_lite, evaluate, show overlays
+  dmmi demo --minutes 15 --out runs/demo15
+  dmmi demo --checkpoint runs/demo/best.pt    # evaluate an earlier demo model again
+  dmmi demo --set model.i2t_decoder=false --set model.contrastive=false   # the ablation
+"""
+
+
+def _parser(subparsers, name: str, help: str, epilog: str, description: str | None = None):
+    import argparse
+
+    return subparsers.add_parser(name, help=help, description=description or help[:1].upper() + help[1:] + ".",
+                                 epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def _add_config_args(p, default="dmmi_swin_b") -> None:
-    p.add_argument("--config", default=default, help=f"preset name or YAML file (default {default})")
+    p.add_argument("--config", default=default, metavar="PRESET",
+                   help=f"preset name (`dmmi presets`) or YAML file (default {default})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set train.lr=1e-4 (repeatable)")
+                   help="override a config field, e.g. --set train.lr=1e-4 (repeatable; fields: dmmi config show "
+                        "PRESET)")
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a model (DDP when launched by torchrun)")
+    p = _parser(subparsers, "train", "train a model (DDP when launched by torchrun)", TRAIN_EXAMPLES)
     _add_config_args(p)
     p.add_argument("--resume", default=None, metavar="CKPT",
                    help="continue from a last.pt exactly; 'auto': from train.output_dir's last.pt if there is one")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
     p.set_defaults(func=cmd_train)
 
-    p = subparsers.add_parser("evaluate", help="evaluate a checkpoint (DMMI and GRES protocols, per type)")
+    p = _parser(subparsers, "evaluate", "evaluate a checkpoint (DMMI and GRES protocols, per type)",
+                EVALUATE_EXAMPLES)
     p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True, metavar="MODEL",
                    help="a model: best.pt / a .safetensors file, a model directory or a Hub repo id (owner/name)")
     p.add_argument("--data", default=None, metavar="DIR", help="dataset root (default: the checkpoint's data.root)")
     p.add_argument("--split", default=None, help="split to evaluate (default: data.test_split)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override data.* / eval.* fields, e.g. --set data.format=refer")
-    p.add_argument("--device", default="auto")
+                   help="override data.* / eval.* fields, e.g. --set data.format=refer (repeatable)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--reference", action="store_true", help="fp32 reference mode instead of the fast mode")
     p.add_argument("--gallery", default=None, metavar="DIR", help="write success/failure overlays per type")
     p.add_argument("--by-wording", action="store_true",
@@ -40,23 +101,24 @@ def register(subparsers) -> None:
     p.add_argument("--sweep-threshold", default=None, metavar="PNG",
                    help="also evaluate the masks 'p(foreground) > t' for t = 0.05 ... 0.95: a table, PNG (Acc vs oIoU, "
                         "N-acc vs cIoU) and PNG's .json")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)
 
-    p = subparsers.add_parser("predict", help="segment what expressions refer to in an image (or a folder)")
+    p = _parser(subparsers, "predict", "segment what expressions refer to in an image (or a folder)",
+                PREDICT_EXAMPLES)
     p.add_argument("image", nargs="?", help="an image file or a folder of images")
     p.add_argument("expressions", nargs="*", help="one or more English expressions")
     p.add_argument("--jobs", default=None, metavar="JOBS.jsonl",
                    help="batch mode: one {\"image\", \"expressions\"} per line; results (COCO RLE masks, scores) "
                         "go to --out RESULTS.jsonl; a re-run skips the lines already done")
     p.add_argument("--batch-jobs", type=int, default=8, metavar="N", help="jobs per model batch with --jobs (default 8)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar with --jobs")
     p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True, metavar="MODEL",
                    help="a model: best.pt / a .safetensors file, a model directory or a Hub repo id (owner/name)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="output folder: <image file name>__<NN>_<expression>_mask.png / _overlay.png (default "
                         "predictions/); with --jobs: the results file")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--reference", action="store_true", help="fp32 reference mode instead of the fast mode")
     p.add_argument("--threshold", type=float, default=None, metavar="P",
                    help="mask = pixels with foreground probability > P (default: the paper's argmax, = 0.5); "
@@ -67,14 +129,19 @@ def register(subparsers) -> None:
                    help="refuse images larger than N pixels (width x height; default 40 million)")
     p.set_defaults(func=cmd_predict)
 
-    p = subparsers.add_parser("demo", help="the whole system on the embedded synthetic dataset (CPU, offline)")
-    p.add_argument("--minutes", type=float, default=None, help="training time budget (default: the preset's)")
-    p.add_argument("--checkpoint", default=None, help="reuse this model instead of training")
-    p.add_argument("--out", default="runs/demo", metavar="DIR")
+    p = _parser(subparsers, "demo", "the whole system on the embedded synthetic dataset (CPU, offline)",
+                DEMO_EXAMPLES)
+    p.add_argument("--minutes", type=float, default=None,
+                   help="training time budget in minutes (default: the preset's train.max_minutes)")
+    p.add_argument("--checkpoint", default=None, metavar="MODEL",
+                   help="evaluate this model instead of training one")
+    p.add_argument("--out", default="runs/demo", metavar="DIR",
+                   help="run folder (default runs/demo; one holding an earlier run is kept: runs/demo-2, ...)")
     p.add_argument("--data", default=None, metavar="DIR", help="synthetic dataset folder (generated if missing)")
-    p.add_argument("--config", default="demo_lite", help="preset to train (default demo_lite)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--config", default="demo_lite", metavar="PRESET", help="preset to train (default demo_lite)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field of the training run, e.g. --set train.epochs=2 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
 
@@ -83,6 +150,7 @@ def cmd_train(args) -> int:
     from dmmi.engine.train import train
 
     cfg = load_config(args.config, args.overrides)
+    _check_train_inputs(cfg, args.resume)  # before the model, the data and the run folder
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
     if result.interrupted:
         import signal
@@ -95,6 +163,17 @@ def cmd_train(args) -> int:
     print(f"done: {result.steps} steps in {result.minutes:.1f} min; best model {result.best_path}; "
           f"last checkpoint {result.last_path}; metrics {result.output_dir / 'metrics.jsonl'}")
     return 0
+
+
+def _check_train_inputs(cfg, resume) -> None:
+    """One-line DmmiError for what a run cannot start without, before anything is loaded or written."""
+    root = cfg.data.root
+    if not root:
+        raise DmmiError("data.root is not set: pass --set data.root=DIR (a folder with <dataset>/refs(...).p)")
+    if not Path(root).is_dir():
+        raise DmmiError(f"data.root {root}: no such folder")
+    if resume not in (None, "auto") and not Path(resume).is_file():
+        raise DmmiError(f"--resume {resume}: no such file (give a last.pt, or 'auto')")
 
 
 def cmd_evaluate(args) -> int:
@@ -292,8 +371,16 @@ def _predict_jobs(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from dmmi.config import load_config
     from dmmi.engine.demo import run_demo
 
+    # checked before the synthetic dataset is generated (minutes) or anything is written
+    if args.minutes is not None and not args.minutes > 0:
+        raise DmmiError(f"--minutes must be > 0, got {args.minutes}")
+    if args.checkpoint is not None and not Path(args.checkpoint).is_file():
+        raise DmmiError(f"--checkpoint {args.checkpoint}: no such file")
+    if args.checkpoint is None:
+        load_config(args.config, args.overrides)  # a bad preset or --set: one line
     run_demo(minutes=args.minutes, checkpoint=args.checkpoint, out_dir=args.out, data_dir=args.data,
              preset=args.config, overrides=args.overrides, progress=not args.no_progress)
     return 0
