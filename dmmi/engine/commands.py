@@ -55,7 +55,7 @@ examples:
 DEMO_EXAMPLES = """\
 examples:
   dmmi demo                                   # generate the data once, train demo_lite, evaluate, show overlays
-  dmmi demo --minutes 15 --out runs/demo15
+  dmmi demo --steps 3000 --out runs/demo3k     # train longer (the preset's budget: train.max_steps)
   dmmi demo --checkpoint runs/demo/best.pt    # evaluate an earlier demo model again
   dmmi demo --set model.i2t_decoder=false --set model.contrastive=false   # the ablation
 """
@@ -131,8 +131,9 @@ def register(subparsers) -> None:
 
     p = _parser(subparsers, "demo", "the whole system on the embedded synthetic dataset (CPU, offline)",
                 DEMO_EXAMPLES)
-    p.add_argument("--minutes", type=float, default=None,
-                   help="training time budget in minutes (default: the preset's train.max_minutes)")
+    p.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="optimiser steps to train (default: the preset's train.max_steps; "
+                        "the same result on any machine, only the time differs)")
     p.add_argument("--checkpoint", default=None, metavar="MODEL",
                    help="evaluate this model instead of training one")
     p.add_argument("--out", default="runs/demo", metavar="DIR",
@@ -375,12 +376,12 @@ def cmd_demo(args) -> int:
     from dmmi.engine.demo import run_demo
 
     # checked before the synthetic dataset is generated (minutes) or anything is written
-    if args.minutes is not None and not args.minutes > 0:
-        raise DmmiError(f"--minutes must be > 0, got {args.minutes}")
-    if args.checkpoint is not None and not Path(args.checkpoint).is_file():
-        raise DmmiError(f"--checkpoint {args.checkpoint}: no such file")
+    if args.steps is not None and args.steps < 1:
+        raise DmmiError(f"--steps must be >= 1, got {args.steps}")
+    if args.checkpoint is not None and not Path(args.checkpoint).exists():
+        raise DmmiError(f"--checkpoint {args.checkpoint}: no such file or model directory")
     if args.checkpoint is None:
         load_config(args.config, args.overrides)  # a bad preset or --set: one line
-    run_demo(minutes=args.minutes, checkpoint=args.checkpoint, out_dir=args.out, data_dir=args.data,
+    run_demo(steps=args.steps, checkpoint=args.checkpoint, out_dir=args.out, data_dir=args.data,
              preset=args.config, overrides=args.overrides, progress=not args.no_progress)
     return 0

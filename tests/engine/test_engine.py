@@ -205,12 +205,14 @@ def test_evaluation_skips_and_counts_bad_samples(tmp_path, capsys):
 
 def test_demo_command_runs_end_to_end(synth, tmp_path, capsys):
     out = tmp_path / "demo"
-    assert cli(["demo", "--minutes", "0.05", "--data", str(synth), "--config", "dmmi_tiny", "--out", str(out),
+    assert cli(["demo", "--steps", "3", "--data", str(synth), "--config", "dmmi_tiny", "--out", str(out),
                 "--set", "train.epochs=1", "--set", "train.batch_size=4", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "DMMI protocol" in printed and "where everything is" in printed and "by wording" in printed
+    assert "trained 3 steps in" in printed and "--model " + str(out / "model") in printed
     summary = json.loads((out / "results.json").read_text())
     assert summary["test"]["dmmi"]["counts"]["total"] > 0 and summary["train_minutes"] is not None
+    assert summary["train_steps"] == 3  # a step budget: exact
     assert list((out / "gallery").glob("*.png")) and (out / "curves.png").is_file()
     # reuse the trained model instead of training
     assert cli(["demo", "--checkpoint", str(out / "best.pt"), "--data", str(synth), "--out", str(tmp_path / "again"),
@@ -249,3 +251,22 @@ def test_evaluate_overrides_are_limited_and_typed(synth, tmp_path, capsys):
     assert cli(args + ["--set", "eval.batch_size=abc"]) == 2
     assert "eval.batch_size: expected an integer" in capsys.readouterr().err
     assert cli(args + ["--set", "eval.batch_size=3", "--set", "data.workers=0"]) == 0
+
+
+def test_the_demo_says_when_the_machine_is_slower_than_expected():
+    from dmmi.engine.demo import REFERENCE_STEP_SECONDS, expected_minutes, speed_note
+
+    steps = 1000
+    expected = expected_minutes("demo_lite", steps)
+    assert expected == pytest.approx(steps * REFERENCE_STEP_SECONDS / 60)
+    assert "x the" not in speed_note(steps, expected * 1.1, "demo_lite")  # about as expected: no complaint
+    slow = speed_note(steps, expected * 2, "demo_lite")
+    assert "2.0x the" in slow and "only the time" in slow
+    assert expected_minutes("dmmi_tiny", steps) is None and speed_note(3, 0.1, "dmmi_tiny") == "trained 3 steps in 0.1 min"
+
+
+def test_bad_demo_steps_are_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DMMI_CACHE", str(tmp_path / "cache"))
+    assert cli(["demo", "--steps", "0"]) == 2
+    assert "--steps must be >= 1" in capsys.readouterr().err and not any(tmp_path.iterdir())
