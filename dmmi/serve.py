@@ -34,6 +34,7 @@ Bad input gets a 4xx status and ``{"error": "one line"}``.
 from __future__ import annotations
 
 import base64
+import gc
 import io
 import math
 import os
@@ -231,6 +232,11 @@ def _int_field(parts: list[Part], name: str, default: int, limit: int) -> int:
     return int(value)
 
 
+def mb(n: int) -> str:
+    """Bytes as MB for messages: '20', '1.5', '0.00954' (three significant digits)."""
+    return f"{n / 2**20:.3g}"
+
+
 def _png_bytes(image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG", compress_level=3)
@@ -395,7 +401,7 @@ def create_app(service: Service, *, ui: bool = True):
         length = request.headers.get("content-length")
         if length is not None and length.strip().isdigit() and int(length) > limit:  # refused unread
             return error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                         f"request too large: {int(length) / 2**20:.1f} MB (at most {limit / 2**20:.1f} MB)",
+                         f"request too large: {mb(int(length))} MB (at most {mb(limit)} MB)",
                          {"Connection": "close"})
         if not service.slots.acquire(blocking=False):  # full: say so now instead of queueing bodies
             await drain(request, limit)
@@ -412,7 +418,7 @@ def create_app(service: Service, *, ui: bool = True):
                     chunk, done = message.get("body", b""), not message.get("more_body", False)
                     seen += len(chunk)
                     if seen > limit:  # no (or a false) Content-Length
-                        raise RequestError(f"request too large: more than {limit / 2**20:.1f} MB",
+                        raise RequestError(f"request too large: more than {mb(limit)} MB",
                                            HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
                     collector.write(chunk)
             except RequestError as e:
@@ -607,6 +613,9 @@ def serve(server: Server, host: str) -> int:
     print(f"open {shown}  (API: POST {shown}api/predict; Ctrl+C to stop)", flush=True)
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if main else None  # uvicorn re-raises it after stopping
+    # what is loaded now (the model, Gradio, their modules) stays: the collector skips it from here
+    # on, while serving and in the interpreter's final collections (a quick exit on SIGTERM)
+    gc.freeze()
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -21,7 +21,7 @@ from collections import deque
 from pathlib import Path
 from typing import Optional
 
-from dmmi.serve import (GENERIC_EXAMPLES, MAX_EXPRESSIONS, OVERLAY_MAX_SIDE, RequestError, Service,
+from dmmi.serve import (GENERIC_EXAMPLES, MAX_EXPRESSIONS, OVERLAY_MAX_SIDE, RequestError, Service, mb,
                         read_expressions)
 
 SANS = ["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Roboto", "Helvetica Neue", "Arial", "sans-serif"]
@@ -102,8 +102,8 @@ class Segmenter:
             texts = read_expressions([text or ""])
             data = Path(image_path).read_bytes()
             if len(data) > self.service.max_request_bytes:
-                raise RequestError(f"image too large: {len(data) / 2**20:.1f} MB "
-                                   f"(at most {self.service.max_request_bytes / 2**20:.1f} MB)")
+                raise RequestError(f"image too large: {mb(len(data))} MB "
+                                   f"(at most {mb(self.service.max_request_bytes)} MB)")
             self.runs += 1
             out = self.workdir / f"run{self.runs:06d}"
             out.mkdir(parents=True)

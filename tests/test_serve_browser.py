@@ -87,7 +87,8 @@ def _wait(driver, condition, what, seconds=90):
     try:
         return WebDriverWait(driver, seconds, poll_frequency=0.2).until(lambda d: condition(d))
     except TimeoutException:
-        raise AssertionError(f"timed out waiting for {what} (page text: {driver.find_element(By.TAG_NAME, 'body').text[:400]!r})") from None
+        text = driver.find_element(By.TAG_NAME, "body").text[:400]
+        raise AssertionError(f"timed out waiting for {what} (page text: {text!r})") from None
 
 
 def _requested_urls(driver) -> list[str]:
