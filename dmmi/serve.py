@@ -559,7 +559,7 @@ def register(subparsers) -> None:
     import argparse
 
     p = subparsers.add_parser("serve", help="a web page (and JSON API) to segment your own images",
-                              description="Serve a trained model: a Gradio page at / and a JSON API at "
+                              description="Serve a trained model: a web page (Gradio) at / and a JSON API at\n"
                                           "/api/predict (multipart: an 'image' file, one or more 'text' fields).",
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True, metavar="MODEL",
@@ -572,7 +572,7 @@ def register(subparsers) -> None:
                    help="mask = pixels with foreground probability > P (default: the paper's argmax, = 0.5)")
     p.add_argument("--min-area", type=float, default=0.0, metavar="SHARE",
                    help="a mask smaller than this share of the image counts as no target (default 0)")
-    p.add_argument("--max-mb", type=float, default=MAX_REQUEST_MB,
+    p.add_argument("--max-mb", type=float, default=MAX_REQUEST_MB, metavar="MB",
                    help=f"largest request or upload accepted, in MB (default {MAX_REQUEST_MB:g})")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
                    help=f"largest image accepted, width x height (default {MAX_PIXELS:,})")
