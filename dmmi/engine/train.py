@@ -473,6 +473,8 @@ class Trainer:
         micro_batches = iter(self.loader)
         try:
             while state.step_in_epoch < self.steps_per_epoch:
+                if self.tc.max_steps and state.global_step >= self.tc.max_steps:
+                    return True  # a resumed run that had already reached its step budget
                 group = [next(micro_batches) for _ in range(plan.accumulation)]
                 ok, self.clock, signalled = self._agree(group)
                 if signalled:

@@ -62,6 +62,8 @@ def test_resume_auto(synth, tmp_path):
     lines.clear()
     more = _run(synth, tmp_path / "new", "train.max_steps=4", resume="auto", log=lines.append)
     assert more.steps == 4 and any(line.startswith("resumed from") for line in lines)
+    again = _run(synth, tmp_path / "new", "train.max_steps=4", resume="auto")  # a finished run: no step more
+    assert again.steps == 4
     assert _steps(tmp_path / "new") == [1, 2, 3, 4]
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
