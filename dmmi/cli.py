@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dmmi: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `dmmi config show demo_lite | head`: the reader left; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141
     return int(result or 0)
 
 

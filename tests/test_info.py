@@ -69,3 +69,24 @@ def test_config_show_a_yaml_file_and_the_bad_inputs(tmp_path, capsys):
         assert all(w in err for w in words), (words, err)
     assert cli(["config"]) == 1  # no sub-command: the help
     assert "show" in capsys.readouterr().out
+
+
+def test_a_closed_pipe_stops_quietly(monkeypatch):
+    """`dmmi config show demo_lite | head -1`: the reader has gone; no BrokenPipeError traceback."""
+    import os
+    import sys
+
+    from dmmi.cli import main
+
+    read, write = os.pipe()
+    os.close(read)  # the reader left: every write raises BrokenPipeError (Python ignores SIGPIPE)
+    pipe = os.fdopen(write, "w", buffering=1)
+    monkeypatch.setattr(sys, "stdout", pipe)
+    try:
+        assert main(["config", "show", "demo_lite"]) == 141
+    finally:
+        monkeypatch.undo()
+        try:
+            pipe.close()
+        except OSError:
+            pass
