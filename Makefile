@@ -6,9 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test clean
 
-$(STAMP): pyproject.toml
+# pyproject.toml holds ranges; constraints.txt the exact versions the tests ran with
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)
