@@ -20,7 +20,8 @@ from dmmi.models import build_model
 
 REFERENCE = Path(__file__).with_name("state_dict_reference.json")
 CASES = {
-    "demo_lite": ("demo_lite", []),  # location prior (object mode), position codes, text cache
+    # location prior (object mode), position codes, text cache; recorded when the preset froze 1 stage
+    "demo_lite": ("demo_lite", ["model.backbone_frozen_stages=1"]),
     "dmmi_tiny": ("dmmi_tiny", []),  # no extras
     "dmmi_tiny_extras": ("dmmi_tiny", ["model.location_prior=true", "model.location_prior_mode=object",
                                        "model.decoder_pos_embed=true", "model.text_frozen=true",
