@@ -38,7 +38,7 @@ def field_help(cls, name: str) -> str:
     return next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("help", "")
 
 
-LOCATION_PRIOR_MODES = ("pixel", "object")  # dmmi.models.decoders.LocationPrior
+LOCATION_PRIOR_MODES = ("pixel", "object")  # dmmi.models.extras.LocationPrior
 
 
 @dataclass
