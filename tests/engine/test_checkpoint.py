@@ -184,3 +184,20 @@ def test_safetensors_errors(tmp_path):
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(DmmiError, match="bad.safetensors is not a safetensors file or is truncated"):
         load_weights_safetensors(bad)
+
+
+def test_written_files_get_the_umask_mode_not_mkstemps_private_one(tmp_path):
+    import os
+
+    from dmmi.engine.checkpoint import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "model.pt"
+        atomic_write(path, lambda tmp: tmp.write_bytes(b"x"))
+        assert path.stat().st_mode & 0o777 == 0o644  # as open(path, "w") gives: readable by the group and others
+        path.chmod(0o640)
+        atomic_write(path, lambda tmp: tmp.write_bytes(b"y"))  # a rewrite keeps the file's own mode
+        assert path.stat().st_mode & 0o777 == 0o640 and path.read_bytes() == b"y"
+    finally:
+        os.umask(old)
