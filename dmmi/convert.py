@@ -266,9 +266,8 @@ def register(subparsers) -> None:
 
 def _check_convert_args(args) -> None:
     """One-line DmmiError for a bad --preset / --set / --out before the checkpoint is read or anything written."""
-    import os
-
     from dmmi.config import Config, apply_overrides, load_config
+    from dmmi.engine.checkpoint import check_writable_folder
 
     if not Path(args.checkpoint).exists():
         raise DmmiError(f"checkpoint not found: {args.checkpoint}")
@@ -280,11 +279,7 @@ def _check_convert_args(args) -> None:
     as_dir = out.is_dir() or not out.suffix  # a model directory
     if as_dir and out.exists() and not out.is_dir():
         raise DmmiError(f"--out {out}: is a file; a model directory (no suffix) needs a folder")
-    probe = next(q for q in ([out] if as_dir else []) + [*out.parents, Path(".")] if q.exists())
-    if not probe.is_dir():
-        raise DmmiError(f"--out {out}: {probe} is not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise DmmiError(f"--out {out}: {probe} is not writable")
+    check_writable_folder(out if as_dir else out.parent, "--out", named=out)
     if (args.preset or args.overrides) and _is_dmmi_file(args.checkpoint):
         raise DmmiError(f"--preset / --set: {args.checkpoint} is a dmmi model, whose config is kept; they apply to "
                         "the authors' checkpoints only")

@@ -22,8 +22,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
-import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -32,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dmmi.engine.checkpoint import atomic_write
+from dmmi.engine.checkpoint import atomic_write, check_writable_folder
 from dmmi.errors import DmmiError
 
 FORMATS = ("onnx",)
@@ -77,19 +75,21 @@ def check_onnx_packages() -> None:
 
 
 def check_out(out: str | Path) -> Path:
-    """Refuse, before any work, an ``--out`` that cannot be written: a folder, a path under a file, a
-    folder without write permission. Creates missing parent folders."""
+    """Refuse, before any work, an ``--out`` that cannot be written (:func:`check_out_creates_nothing`),
+    then create its missing parent folders."""
+    out = check_out_creates_nothing(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def check_out_creates_nothing(out: str | Path) -> Path:
+    """Refuse an ``--out`` that is a folder (or whose sidecar is), lies under a file, or in a folder that
+    cannot be written; creates nothing (a bad model, read next, leaves no folder behind)."""
     out = Path(out)
     for path, what in ((out, "--out"), (sidecar_path(out), "--out's sidecar")):
         if path.is_dir():
             raise DmmiError(f"{what} {path}: is a folder; give a file name such as {path / 'model.onnx'}")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=out.parent)
-    except OSError as e:
-        raise DmmiError(f"--out {out}: cannot write there ({e.strerror or e})") from None
-    os.close(fd)
-    os.unlink(probe)
+    check_writable_folder(out.parent, "--out", named=out)
     return out
 
 
@@ -258,23 +258,10 @@ def register(subparsers) -> None:
     p.set_defaults(func=_cmd_export)
 
 
-def _check_out_creates_nothing(out: str | Path) -> None:
-    """:func:`check_out`'s refusals without creating the missing folders (the model is read first)."""
-    out = Path(out)
-    for path, what in ((out, "--out"), (sidecar_path(out), "--out's sidecar")):
-        if path.is_dir():
-            raise DmmiError(f"{what} {path}: is a folder; give a file name such as {path / 'model.onnx'}")
-    probe = next((q for q in out.parents if q.exists()), Path("."))
-    if not probe.is_dir():
-        raise DmmiError(f"--out {out}: cannot write there ({probe} is not a folder)")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise DmmiError(f"--out {out}: cannot write there ({probe} is not writable)")
-
-
 def _cmd_export(args) -> int:
     check_format(args.format)
     check_onnx_packages()
-    _check_out_creates_nothing(args.out)  # then the model is read: a bad one leaves no folder behind
+    check_out_creates_nothing(args.out)  # then the model is read: a bad one leaves no folder behind
     from dmmi.models.io import load_model_file
 
     model, cfg = load_model_file(args.model)

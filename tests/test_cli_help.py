@@ -223,7 +223,7 @@ def test_export_reads_the_model_before_creating_the_out_folder(cwd, capsys, monk
     assert cli(["export", "junk.pt", "--out", "exported/deeper/m.onnx"]) == 2
     _one_line_error(capsys, "junk.pt")
     assert cli(["export", "junk.pt", "--out", "junk.pt/m.onnx"]) == 2
-    _one_line_error(capsys, "--out junk.pt/m.onnx", "cannot write there")
+    _one_line_error(capsys, "--out junk.pt/m.onnx", "junk.pt is not a folder")
     assert _created(cwd) == ["junk.pt"]
 
 

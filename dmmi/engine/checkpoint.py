@@ -110,6 +110,25 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     _fsync_dir(path.parent)
 
 
+def check_writable_folder(folder: str | Path, option: str, named: Optional[str | Path] = None) -> None:
+    """One-line DmmiError unless ``folder`` is, or can be made, a folder to write in; creates nothing.
+
+    The nearest part of ``folder`` that exists must be a folder where a file can be created (tried
+    with a temporary file, which also catches read-only mounts and ACLs). ``option`` and ``named``
+    (default ``folder``) name what the user gave, for the message."""
+    folder = Path(folder)
+    named = Path(named) if named is not None else folder
+    probe = next((p for p in [folder, *folder.parents] if p.exists()), Path("."))
+    if not probe.is_dir():
+        raise DmmiError(f"{option} {named}: {'it' if probe == named else probe} is not a folder")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".dmmi-write-test-", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise DmmiError(f"{option} {named}: cannot write in {probe} ({e.strerror or e})") from None
+
+
 def temporary_files(folder: Path) -> list[Path]:
     """The temporary files :func:`atomic_write` leaves in ``folder`` when its process is killed
     (``kill -9``) mid-write: ``.<name>.<random>.tmp``."""

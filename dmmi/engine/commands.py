@@ -178,6 +178,7 @@ def _check_train_inputs(cfg, resume) -> None:
 
 
 def cmd_evaluate(args) -> int:
+    from dmmi.engine.checkpoint import check_writable_folder
     from dmmi.engine.evaluate import evaluate_checkpoint
     from dmmi.metrics import format_group_table, format_table
 
@@ -185,14 +186,14 @@ def cmd_evaluate(args) -> int:
     if args.json:
         if Path(args.json).is_dir():
             raise DmmiError(f"--json {args.json} is a folder, not a file")
-        _check_writable(Path(args.json).parent, option="--json")
+        check_writable_folder(Path(args.json).parent, option="--json")
     if args.gallery:
-        _check_writable(Path(args.gallery), option="--gallery")
+        check_writable_folder(Path(args.gallery), option="--gallery")
     if args.sweep_threshold:
         if Path(args.sweep_threshold).suffix.lower() != ".png":
             raise DmmiError(f"--sweep-threshold {args.sweep_threshold}: give a .png path (its table goes beside it "
                             "as .json)")
-        _check_writable(Path(args.sweep_threshold).parent, option="--sweep-threshold")
+        check_writable_folder(Path(args.sweep_threshold).parent, option="--sweep-threshold")
     from dmmi.engine.evaluate import SWEEP_THRESHOLDS, format_sweep, plot_sweep
 
     results, skipped, info = evaluate_checkpoint(
@@ -268,27 +269,9 @@ def _output_stem(path: Path, index: int, text: str) -> str:
     return f"{name}__{index:02d}_{_slug(text)}"
 
 
-def _check_writable(out: Path, option: str = "--out") -> None:
-    """One-line DmmiError unless ``out`` is, or can be made, a folder to write in (creates nothing).
-    ``option``: the command-line option that named it, for the message."""
-    import os
-    import tempfile
-
-    try:
-        probe = out
-        while not probe.exists() and probe.parent != probe:  # the nearest part that exists
-            probe = probe.parent
-        if not probe.is_dir():
-            raise DmmiError(f"{option} {out}: {'it' if probe == out else probe} is not a folder")
-        fd, tmp = tempfile.mkstemp(prefix=".dmmi-write-test-", dir=probe)
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as e:
-        raise DmmiError(f"{option} {out}: cannot write in {probe} ({e.strerror or e})") from None
-
-
 def cmd_predict(args) -> int:
     from dmmi.data.images import DEFAULT_MAX_PIXELS, check_max_pixels, load_image
+    from dmmi.engine.checkpoint import check_writable_folder
     from dmmi.engine.distributed import resolve_device
     from dmmi.errors import printable
     from dmmi.inference import Predictor
@@ -304,7 +287,7 @@ def cmd_predict(args) -> int:
     max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else check_max_pixels(args.max_pixels, "--max-pixels")
     images = _images(Path(args.image))
     out = Path(args.out or "predictions")
-    _check_writable(out)  # before the model is loaded
+    check_writable_folder(out, "--out")  # before the model is loaded
     device = resolve_device(args.device, option="--device", fix="--device cpu")
     from dmmi.inference import check_threshold
 
@@ -348,6 +331,7 @@ def cmd_predict(args) -> int:
 def _predict_jobs(args) -> int:
     """dmmi predict --jobs JOBS.jsonl --out RESULTS.jsonl (dmmi.jobs)."""
     from dmmi.data.images import DEFAULT_MAX_PIXELS, check_max_pixels
+    from dmmi.engine.checkpoint import check_writable_folder
     from dmmi.engine.distributed import resolve_device
     from dmmi.inference import Predictor, check_threshold
     from dmmi.jobs import check_results_path, run_jobs
@@ -358,7 +342,7 @@ def _predict_jobs(args) -> int:
     if not jobs.is_file():
         raise DmmiError(f"jobs file not found: {jobs}")
     out = check_results_path(args.out, jobs)
-    _check_writable(out.parent, option="--out")
+    check_writable_folder(out.parent, option="--out")
     if args.batch_jobs < 1:
         raise DmmiError(f"--batch-jobs must be >= 1, got {args.batch_jobs}")
     check_threshold(args.threshold, "--threshold")

@@ -206,11 +206,7 @@ def check_output_dir(output_dir: str | Path, resume: Optional[str]) -> Optional[
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise DmmiError(f"train.output_dir {out} is a file, not a folder")
-    parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
-    if not parent.is_dir():
-        raise DmmiError(f"train.output_dir {out}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise DmmiError(f"train.output_dir {out}: {parent} is not writable")
+    ckpt.check_writable_folder(out, "train.output_dir")
     stale = set(ckpt.temporary_files(out)) if out.is_dir() else set()
     held = sorted(p.name for p in out.iterdir() if p not in stale) if out.is_dir() else []
     if resume == "auto":

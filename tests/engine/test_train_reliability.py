@@ -141,7 +141,7 @@ def test_outputs_that_cannot_be_written_are_one_line_before_any_work(synth, tmp_
     a_file.write_text("x")
     with pytest.raises(DmmiError, match=f"train.output_dir {a_file} is a file, not a folder"):
         _run(synth, a_file)
-    with pytest.raises(DmmiError, match=f"train.output_dir {a_file}/run: {a_file} is a file, not a folder"):
+    with pytest.raises(DmmiError, match=f"train.output_dir {a_file}/run: {a_file} is not a folder"):
         _run(synth, a_file / "run")
 
 
