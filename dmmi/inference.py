@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from dmmi.data.synthetic import DEFAULT_SIDE
 from dmmi.data.tokenize import encode, load_tokenizer
 from dmmi.data.images import DEFAULT_MAX_PIXELS, check_max_pixels, check_size, load_image
 from dmmi.data.transforms import image_to_tensor
@@ -42,13 +43,13 @@ from dmmi.models.io import load_model_file
 
 ImageLike = Union[str, Path, bytes, Image.Image, np.ndarray]
 EXPRESSIONS_PER_CALL = 8  # expressions per model forward
-SYNTHETIC_SIDE = 128  # the synthetic generator's default image side (``dmmi data synth``, ``make demo``)
+SYNTHETIC_SIDE = DEFAULT_SIDE  # the synthetic generator's default image side (``dmmi data synth``, ``make demo``)
 log = logging.getLogger("dmmi")
 
 
-def domain_note(cfg) -> Optional[str]:
+def domain_note(trained_on: Optional[str]) -> Optional[str]:
     """One line for a model trained on dmmi's synthetic set (``data.dataset: synthetic``), else None."""
-    if getattr(cfg.data, "dataset", None) != "synthetic":
+    if trained_on != "synthetic":
         return None
     return ("note: this model was trained on dmmi's synthetic set of coloured shapes "
             "(circles, squares, triangles, stars): on other images, such as photographs, its masks mean little")
@@ -122,7 +123,7 @@ class Predictor:
         self.max_tokens = cfg.model.max_tokens
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model.text_encoder)
         self.trained_on = getattr(cfg.data, "dataset", None)
-        self.domain_note = domain_note(cfg)
+        self.domain_note = domain_note(self.trained_on)
         self._noted = False
         # cuda_graphs: the forward replayed from a CUDA graph per batch size (dmmi.engine.compiled); CUDA only
         self.graphed = GraphedForward(self.model, self.device, fast=fast) if cuda_graphs and \

@@ -59,7 +59,6 @@ MAX_EXPRESSION_CHARS = 300
 MAX_PARTS = 64  # form parts per request: a few images / texts too many still get a precise error
 OVERLAY_MAX_SIDE = 1280  # overlays are for looking at: larger images are shown downscaled
 OVERLAY_SIDE_LIMIT = 65535  # the largest overlay_max_side accepted
-OVERLAY_COLOR = (0, 220, 255)  # cyan: stands out on red, green, blue and yellow objects alike
 MAX_PENDING = 32  # predict requests admitted at once (reading, waiting for the model, running)
 LISTEN_BACKLOG = 128  # connections the kernel holds before accept
 FIELDS = ("image", "text", "overlay_max_side")  # the form fields of /api/predict
@@ -320,8 +319,7 @@ class Service:
             for pred in run(image, texts):
                 mask = Image.fromarray(pred.mask.astype("uint8") * 255, mode="L")
                 shown_mask = mask if shown is image else mask.resize(shown.size, Image.Resampling.NEAREST)
-                tinted = overlay(shown, np.asarray(shown_mask) > 0, color=OVERLAY_COLOR,
-                                 outline_width=max(2, round(max(shown.size) / 160)))
+                tinted = overlay(shown, np.asarray(shown_mask) > 0)  # the prediction colour of every overlay
                 emit(pred, tinted, mask)
                 del pred, mask, shown_mask, tinted
         except DmmiError as e:

@@ -47,12 +47,9 @@ def sample_examples(folder: Path, n: int = SAMPLES, seed: int = 11) -> list[list
     """``n`` synthetic images written under ``folder`` -> Examples rows [image path, expressions]:
     per image one expression for one object, one for many and one for none (those it has)."""
     from dmmi.data.synthetic import REFS_FILE, generate, ref_type
+    from dmmi.inference import SYNTHETIC_SIDE
 
-    try:
-        from dmmi.inference import SYNTHETIC_SIDE as side
-    except ImportError:  # older inference modules: the generator's default side
-        side = 128
-    generate(folder, n_images=n, seed=seed, image_size=side, min_objects=3, refs_per_image=6)
+    generate(folder, n_images=n, seed=seed, image_size=SYNTHETIC_SIDE, min_objects=3, refs_per_image=6)
     refs = pickle.loads((folder / "synthetic" / REFS_FILE).read_bytes())
     rows = []
     for name in sorted({r["file_name"] for r in refs}):
@@ -94,7 +91,6 @@ class Segmenter:
 
     def __call__(self, image_path: Optional[str], text: Optional[str]):
         import gradio as gr
-        from PIL import Image
 
         if not image_path:
             raise gr.Error("Choose an image first (or click a sample below).", print_exception=False)

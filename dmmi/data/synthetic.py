@@ -601,11 +601,14 @@ def _check_args(n_images, image_size, refs_per_image, min_objects, max_objects, 
         raise DmmiError(f"synthetic: split_ratios must be 3 non-negative numbers (train, val, test), got {split_ratios}")
 
 
+DEFAULT_SIDE = 128  # image side in px of generate() and `dmmi data synth` by default
+
+
 def generate(
     out_dir: str | Path,
     n_images: int = 600,
     seed: int = 0,
-    image_size: int = 128,
+    image_size: int = DEFAULT_SIDE,
     refs_per_image: int = 4,
     min_objects: int = 2,
     max_objects: int = 5,
