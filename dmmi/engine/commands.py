@@ -356,16 +356,8 @@ def _predict_jobs(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from dmmi.config import load_config
     from dmmi.engine.demo import run_demo
 
-    # checked before the synthetic dataset is generated (minutes) or anything is written
-    if args.steps is not None and args.steps < 1:
-        raise DmmiError(f"--steps must be >= 1, got {args.steps}")
-    if args.checkpoint is not None and not Path(args.checkpoint).exists():
-        raise DmmiError(f"--checkpoint {args.checkpoint}: no such file or model directory")
-    if args.checkpoint is None:
-        load_config(args.config, args.overrides)  # a bad preset or --set: one line
     run_demo(steps=args.steps, checkpoint=args.checkpoint, out_dir=args.out, data_dir=args.data,
              preset=args.config, overrides=args.overrides, progress=not args.no_progress)
     return 0

@@ -86,12 +86,14 @@ def run_demo(*, steps: Optional[int] = None, checkpoint: Optional[str] = None, o
     from dmmi.metrics import format_group_table, format_table
 
     t0 = time.time()
+    # checked before the synthetic dataset is generated (a minute) or anything is written
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise DmmiError(f"--steps must be a whole number >= 1, got {steps!r}")
+        raise DmmiError(f"--steps must be >= 1 (a whole number), got {steps!r}")
     if checkpoint is not None and not Path(checkpoint).exists():
-        raise DmmiError(f"checkpoint not found: {checkpoint}")
+        raise DmmiError(f"--checkpoint {checkpoint}: no such file or model directory")
     sets = ([f"train.max_steps={steps}"] if steps is not None else []) + list(overrides)
-    cfg = load_config(preset, sets) if checkpoint is None else None  # a bad preset / --set: before anything is written
+    if checkpoint is None:
+        load_config(preset, sets)  # a bad preset or --set: one line
     out = Path(out_dir)
     if checkpoint is None and out.is_dir() and any(out.iterdir()):
         out = _next_free(out)  # an earlier demo run is kept, never replaced
