@@ -23,8 +23,6 @@ PREDICTION_COLOR = (0, 220, 255)  # cyan: the one prediction colour (CLI, web pa
 TARGET_DARK = (0, 0, 0)  # the ground-truth outline: a light line between two dark ones, visible on any colour
 TARGET_LIGHT = (255, 255, 255)
 NO_TARGET_TEXT = "no target"  # written on overlays of an empty prediction (``label_empty=True``)
-RED = (255, 64, 64)  # kept for callers that name them
-GREEN = (64, 220, 64)
 
 
 def _to_rgb_array(image: Any) -> np.ndarray:

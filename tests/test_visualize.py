@@ -9,9 +9,11 @@ import torch
 from PIL import Image
 
 from dmmi.errors import DmmiError
-from dmmi.visualize import (GREEN, NO_TARGET_TEXT, PREDICTION_COLOR, TARGET_DARK, TARGET_LIGHT, GalleryItem,
+from dmmi.visualize import (NO_TARGET_TEXT, PREDICTION_COLOR, TARGET_DARK, TARGET_LIGHT, GalleryItem,
                             caption_panel, curve_figure, default_outline_width, gallery, mask_boundary, outline_target,
                             overlay, plot_curves, save_mask_png)
+
+GREEN = (64, 220, 64)  # the target outline's colour before it became two-tone (and a synthetic object's)
 
 
 def square_mask(size=8, lo=2, hi=6):
