@@ -86,6 +86,16 @@ def check_threshold(value, what: str = "threshold") -> Optional[float]:
     return float(value)
 
 
+@dataclass
+class Prepared:
+    """One image and its expressions, ready for the model (:meth:`Predictor.prepare`)."""
+
+    image: torch.Tensor  # (3, S, S) normalised, at the model's input size
+    size_hw: tuple[int, int]  # the image's own (H, W): where the masks go
+    texts: list[str]
+    encoded: list  # per text: dmmi.data.tokenize.Encoded (input_ids, attention_mask)
+
+
 class Predictor:
     """Holds a model in eval mode, its tokenizer and its preprocessing.
 
@@ -229,6 +239,16 @@ class Predictor:
         return Prediction(text=text, mask=m, foreground=share, score=float(score),
                           probability=probability.cpu().numpy())
 
+    def prepare(self, image: ImageLike, texts: str | Sequence[str]) -> "Prepared":
+        """Load one image and tokenize its expression(s) for :meth:`predict_prepared`; a bad image or an
+        empty expression: DmmiError, before any model work (``dmmi predict --jobs`` skips such a job)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise DmmiError("no expression given")
+        pil = self._image(image)
+        encoded = [encode(self.tokenizer, t, self.max_tokens) for t in texts]  # empty text -> DmmiError
+        return Prepared(image_to_tensor(pil, self.size), (pil.size[1], pil.size[0]), texts, encoded)
+
     @torch.no_grad()
     def predict_batch(self, images: Sequence[ImageLike],
                       expressions: Sequence[str | Sequence[str]]) -> list[list[Prediction]]:
@@ -239,26 +259,31 @@ class Predictor:
         loaded and every expression tokenized before the first forward (a bad one: DmmiError)."""
         if len(images) != len(expressions):
             raise DmmiError(f"predict_batch: {len(images)} images but {len(expressions)} lists of expressions")
-        loaded = []  # per image: (3, S, S) tensor, (H, W), texts, encoded
+        prepared = []
         for n, (image, texts) in enumerate(zip(images, expressions)):
-            texts = [texts] if isinstance(texts, str) else list(texts)
+            texts = texts if isinstance(texts, str) else list(texts)
             if not texts:
                 raise DmmiError(f"predict_batch: image {n} has no expression")
-            pil = self._image(image)
-            encoded = [encode(self.tokenizer, t, self.max_tokens) for t in texts]
-            loaded.append((image_to_tensor(pil, self.size), (pil.size[1], pil.size[0]), texts, encoded))
-            del pil
-        pairs = [(i, k) for i, item in enumerate(loaded) for k in range(len(item[2]))]
-        out: list[list] = [[None] * len(item[2]) for item in loaded]
+            prepared.append(self.prepare(image, texts))
+        return self.predict_prepared(prepared)
+
+    @torch.no_grad()
+    def predict_prepared(self, prepared: Sequence["Prepared"]) -> list[list[Prediction]]:
+        """:meth:`prepare`'s items -> per item the list of its Predictions, ``expressions_per_call``
+        (image, expression) pairs per forward."""
+        pairs = [(i, k) for i, item in enumerate(prepared) for k in range(len(item.texts))]
+        out: list[list] = [[None] * len(item.texts) for item in prepared]
         for start in range(0, len(pairs), self.expressions_per_call):
             chunk = pairs[start:start + self.expressions_per_call]
-            x = torch.stack([loaded[i][0] for i, _ in chunk]).to(self.device)  # (n, 3, S, S)
-            ids = torch.tensor([loaded[i][3][k].input_ids for i, k in chunk], device=self.device)  # (n, L)
-            mask = torch.tensor([loaded[i][3][k].attention_mask for i, k in chunk], device=self.device)  # (n, L)
+            x = torch.stack([prepared[i].image for i, _ in chunk]).to(self.device)  # (n, 3, S, S)
+            ids = torch.tensor([prepared[i].encoded[k].input_ids for i, k in chunk], device=self.device)  # (n, L)
+            mask = torch.tensor([prepared[i].encoded[k].attention_mask for i, k in chunk],
+                                device=self.device)  # (n, L)
             logits = self._logits(x, ids, mask)  # (n, 2, S, S)
             probability = torch.softmax(logits.float(), dim=1)[:, 1]  # (n, S, S)
             scores = probability.flatten(1).amax(1).tolist()
             for j, (i, k) in enumerate(chunk):
-                out[i][k] = self._prediction(loaded[i][2][k], logits[j], probability[j], scores[j], loaded[i][1])
+                item = prepared[i]
+                out[i][k] = self._prediction(item.texts[k], logits[j], probability[j], scores[j], item.size_hw)
             del logits, probability, x
         return out

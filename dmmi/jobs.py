@@ -112,7 +112,7 @@ def encode_rle(mask: np.ndarray) -> dict:
 def run_jobs(predictor, jobs_path: str | Path, out_path: str | Path, *, batch_jobs: int = 8, progress: bool = True,
              log=print) -> JobsReport:
     """Run every job of ``jobs_path`` not yet in ``out_path``; ``batch_jobs`` jobs share the model's batches
-    (:meth:`dmmi.inference.Predictor.predict_batch`)."""
+    (:meth:`dmmi.inference.Predictor.predict_prepared`)."""
     jobs_path, out_path = Path(jobs_path), Path(out_path)
     report = JobsReport()
     done = done_lines(out_path)
@@ -133,10 +133,9 @@ def run_jobs(predictor, jobs_path: str | Path, out_path: str | Path, *, batch_jo
         bar = tqdm(total=len(todo), desc="jobs", dynamic_ncols=True)
     with open(out_path, "a", encoding="utf-8") as out:
         for start in range(0, len(todo), batch_jobs):
-            group = _loadable(predictor, todo[start:start + batch_jobs], jobs_path.name, report, log)
+            group = _prepared(predictor, todo[start:start + batch_jobs], jobs_path.name, report, log)
             if group:
-                predictions = predictor.predict_batch([image for _, image in group],
-                                                      [job.expressions for job, _ in group])
+                predictions = predictor.predict_prepared([item for _, item in group])
                 for (job, _), preds in zip(group, predictions):
                     out.write(json.dumps(_record(job, preds)) + "\n")
                     report.done += 1
@@ -148,21 +147,15 @@ def run_jobs(predictor, jobs_path: str | Path, out_path: str | Path, *, batch_jo
     return report
 
 
-def _loadable(predictor, jobs: list[Job], where: str, report: JobsReport, log) -> list:
-    """(job, loaded RGB image) for the jobs whose image can be read and whose expressions tokenize."""
-    from dmmi.data.images import load_image
-    from dmmi.data.tokenize import encode
-
+def _prepared(predictor, jobs: list[Job], where: str, report: JobsReport, log) -> list:
+    """(job, :meth:`~dmmi.inference.Predictor.prepare`'s item) for the jobs whose image loads and whose
+    expressions tokenize; the others are reported and skipped."""
     out = []
     for job in jobs:
         try:
-            image = load_image(job.path, max_pixels=predictor.max_pixels)
-            for text in job.expressions:
-                encode(predictor.tokenizer, text, predictor.max_tokens)
+            out.append((job, predictor.prepare(job.path, job.expressions)))
         except DmmiError as e:
             _bad(report, f"{where}:{job.line}: {e}", log)
-            continue
-        out.append((job, image))
     return out
 
 

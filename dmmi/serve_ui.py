@@ -14,13 +14,13 @@ import atexit
 import html
 import os
 import pickle
-import re
 import shutil
 import tempfile
 from collections import deque
 from pathlib import Path
 from typing import Optional
 
+from dmmi.engine.checkpoint import slug
 from dmmi.serve import (GENERIC_EXAMPLES, MAX_EXPRESSIONS, OVERLAY_MAX_SIDE, RequestError, Service, mb,
                         read_expressions)
 
@@ -77,10 +77,6 @@ def _table(rows: list[tuple[str, str, str]]) -> str:
             f"<tbody>{body}</tbody></table>")
 
 
-def _slug(text: str, n: int = 40) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:n] or "expression"
-
-
 class Segmenter:
     """The page's one event: (image file, expressions) -> gallery, table, mask files, status line."""
 
@@ -107,7 +103,7 @@ class Segmenter:
 
             def emit(pred, tinted, mask):
                 n = len(files)
-                path = out / f"{n:02d}_{_slug(pred.text)}_mask.png"
+                path = out / f"{n:02d}_{slug(pred.text)}_mask.png"
                 mask.save(path, format="PNG", compress_level=3)
                 files.append(str(path))
                 gallery.append((tinted, _caption(pred)))

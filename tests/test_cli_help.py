@@ -239,3 +239,11 @@ def test_data_synth_refuses_bad_options_before_writing(cwd, capsys):
     assert cli(["data", "synth", "--out", "a_file/data", "--images", "2"]) == 2
     _one_line_error(capsys, "a_file")
     assert _created(cwd) == ["a_file"]
+
+
+def test_data_synth_defaults_to_the_generator_s_own_image_side():
+    from dmmi.data.synthetic import DEFAULT_SIDE
+
+    (synth,) = [p for path, p, _ in _commands() if path[1:] == ("data", "synth")]
+    (size,) = [a for a in synth._actions if "--size" in a.option_strings]
+    assert int(size.default) == DEFAULT_SIDE and f"default {DEFAULT_SIDE}" in size.help

@@ -180,6 +180,16 @@ def test_a_very_long_file_name_gets_a_short_output_name(ckpt, tmp_path):
     assert len({n.split("__")[0] for n in names}) == 2  # still one name per image
 
 
+def test_a_long_expression_in_a_wide_script_still_gives_file_names_under_255_bytes(ckpt, tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    noise(20, 20, 1).save(folder / ("a" * 200 + ".png"))
+    assert cli(["predict", str(folder), "左边的红色圆圈" * 15, "--checkpoint", ckpt, "--out", str(tmp_path / "o")]) == 0
+    names = [p.name for p in (tmp_path / "o").iterdir()]
+    assert len(names) == 2 and all(len(n.encode()) < 255 for n in names)
+    assert all("左边的红色圆圈" in n for n in names)  # the expression's own words, cut by bytes
+
+
 def test_a_png_that_is_not_one_names_the_file(ckpt, tmp_path, capsys):
     (tmp_path / "fake.png").write_bytes(io.BytesIO(b"GIF89a nonsense").getvalue())
     err = error_of(capsys, ["predict", str(tmp_path / "fake.png"), "a cat", "--checkpoint", ckpt,

@@ -129,6 +129,16 @@ def check_writable_folder(folder: str | Path, option: str, named: Optional[str |
         raise DmmiError(f"{option} {named}: cannot write in {probe} ({e.strerror or e})") from None
 
 
+def slug(text: str, max_bytes: int = 60) -> str:
+    """``text`` as a piece of a file name: letters and digits of any script, runs of anything else as
+    one ``_``, at most ``max_bytes`` bytes of UTF-8 (cut between characters); "expression" if nothing
+    is left. "The small red circle!" -> "the_small_red_circle"."""
+    keep = "".join(c if c.isalnum() else "_" for c in text.lower())
+    words = "_".join(filter(None, keep.split("_")))
+    cut = words.encode("utf-8")[:max_bytes].decode("utf-8", "ignore").strip("_")
+    return cut or "expression"
+
+
 def temporary_files(folder: Path) -> list[Path]:
     """The temporary files :func:`atomic_write` leaves in ``folder`` when its process is killed
     (``kill -9``) mid-write: ``.<name>.<random>.tmp``."""

@@ -250,11 +250,6 @@ def _images(path: Path) -> list[Path]:
     return [path]
 
 
-def _slug(text: str) -> str:
-    keep = "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
-    return "_".join(filter(None, keep.split("_")))[:60] or "expression"
-
-
 def _output_stem(path: Path, index: int, text: str) -> str:
     """'<image file name>__<NN>_<slug>': the whole name, so x.png and x.jpg never share outputs.
 
@@ -266,7 +261,9 @@ def _output_stem(path: Path, index: int, text: str) -> str:
         import hashlib
 
         name = f"{raw[:100].decode('utf-8', 'ignore')}~{hashlib.sha1(raw).hexdigest()[:8]}{path.suffix[:10]}"
-    return f"{name}__{index:02d}_{_slug(text)}"
+    from dmmi.engine.checkpoint import slug
+
+    return f"{name}__{index:02d}_{slug(text)}"
 
 
 def cmd_predict(args) -> int:
