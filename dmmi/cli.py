@@ -29,13 +29,13 @@ COMMAND_MODULES = (
 EPILOG = """\
 common commands:
   dmmi demo                                                 # the whole system on synthetic data (CPU, offline)
-  dmmi predict photo.jpg "the dog on the left" --checkpoint runs/demo/best.pt --out preds/
-  dmmi serve --checkpoint runs/demo/best.pt                 # a web page on http://127.0.0.1:7860
+  dmmi predict photo.jpg "the dog on the left" --model runs/demo/model --out preds/
+  dmmi serve --model runs/demo/model                        # a web page on http://127.0.0.1:7860
   dmmi data synth --out data/synth
   dmmi train --config dmmi_tiny --set data.root=data/synth --set train.output_dir=runs/tiny
-  dmmi evaluate --checkpoint runs/tiny/best.pt --split test
+  dmmi evaluate --model runs/tiny/model --split test
   dmmi presets                                              # the presets; dmmi config show PRESET: their fields
-  dmmi convert refzom_swin_b.pth --out dmmi_refzom_swin_b.pt
+  dmmi convert refzom_swin_b.pth --out dmmi-refzom-swin-b/
 
 `dmmi COMMAND --help` shows each command's options and examples.
 """

@@ -238,10 +238,10 @@ def _is_dmmi_file(src: str) -> bool:
 
 CONVERT_EXAMPLES = """\
 examples:
-  dmmi convert refzom_swin_b.pth --out dmmi_refzom_swin_b.pt          # preset guessed from the tensors
+  dmmi convert refzom_swin_b.pth --out dmmi-refzom-swin-b/            # a model directory; preset from the tensors
   dmmi convert grefumd_r101.pth --out dmmi_grefumd_r101.safetensors --preset dmmi_r101
-  dmmi convert refzom_swin_b.pth --out dmmi_refzom_480.pt --set model.image_size=480   # the authors' size
-  dmmi convert runs/demo/best.pt --out my-dmmi/                       # a dmmi model -> a model directory
+  dmmi convert refzom_swin_b.pth --out dmmi-refzom-480/ --set model.image_size=480   # the authors' size
+  dmmi convert runs/demo/best.pt --out my-dmmi/                       # a dmmi checkpoint -> a model directory
 """
 
 

@@ -1,6 +1,6 @@
 """``dmmi export``: a model's inference graph as ONNX, with a JSON sidecar saying how to feed it.
 
-    dmmi export runs/demo/best.pt --format onnx --out m.onnx     # -> m.onnx + m.onnx.json
+    dmmi export runs/demo/model --format onnx --out m.onnx      # -> m.onnx + m.onnx.json
 
 The graph is the eval-mode forward (what :class:`dmmi.inference.Predictor` runs, in fp32):
 
@@ -239,7 +239,7 @@ def export_model(model_path: str, out: str, fmt: str = "onnx") -> dict:
 
 EXPORT_EXAMPLES = """\
 examples:
-  dmmi export runs/demo/best.pt --format onnx --out m.onnx        # -> m.onnx + m.onnx.json
+  dmmi export runs/demo/model --format onnx --out m.onnx         # -> m.onnx + m.onnx.json
   dmmi export my-dmmi/ --out exported/dmmi.onnx                   # a model directory; exported/ is created
 """
 

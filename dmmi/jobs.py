@@ -12,7 +12,8 @@ to the results file, flushed at once::
 
 ``rle`` is COCO's compressed run-length encoding (``pycocotools.mask.decode`` gives the (H, W) mask
 back). A re-run skips the lines already in the results file, so a killed run resumes where it
-stopped (a last line cut short by the kill is dropped and done again). A bad line (not JSON, a
+stopped (a last line cut short by the kill is dropped and done again); a results line of another jobs
+file (another image or other expressions on that line) is refused, not taken as done. A bad line (not JSON, a
 missing field, an unreadable image, an empty expression) is reported with its line number and
 skipped; it is not written, so a later run tries it again.
 """
@@ -84,21 +85,32 @@ def read_jobs(jobs_path: Path) -> Iterator[tuple[int, str]]:
         raise DmmiError(f"{jobs_path}: not UTF-8 text (a JSON-lines jobs file is)") from None
 
 
-def done_lines(results_path: Path) -> set[int]:
-    """The jobs lines already in the results file. A last line cut short (a killed run) is removed."""
+def done_lines(results_path: Path) -> dict[int, tuple[str, list[str]]]:
+    """The jobs lines already in the results file -> (image, expressions) each was run with. A last
+    line cut short (a killed run) is removed."""
     if not results_path.is_file():
-        return set()
+        return {}
     data = results_path.read_bytes()
     if data and not data.endswith(b"\n"):  # the write of the last result was cut: drop it, redo that job
         data = data[: data.rfind(b"\n") + 1]
         results_path.write_bytes(data)
-    done = set()
+    done = {}
     for n, text in enumerate(data.decode("utf-8", "replace").splitlines(), start=1):
         try:
-            done.add(int(json.loads(text)["line"]))
+            record = json.loads(text)
+            done[int(record["line"])] = (str(record["image"]), [str(r["expression"]) for r in record["results"]])
         except (ValueError, KeyError, TypeError):
             raise DmmiError(f"{results_path}:{n}: not a dmmi results line; give another --out") from None
     return done
+
+
+def check_same_job(job: Job, done: tuple[str, list[str]], results_path: Path, where: str) -> None:
+    """A results line counts as this job done only if it was run with the same image and expressions."""
+    image, expressions = done
+    if image != job.image or expressions != job.expressions:
+        what = f"image {image}" if image != job.image else f"other expressions for {image}"
+        raise DmmiError(f"{results_path} holds {what} as line {job.line}, but {where}:{job.line} is "
+                        f"{job.image} {job.expressions}: these results come from another jobs file; give another --out")
 
 
 def encode_rle(mask: np.ndarray) -> dict:
@@ -119,18 +131,25 @@ def run_jobs(predictor, jobs_path: str | Path, out_path: str | Path, *, batch_jo
     lines = list(read_jobs(jobs_path))
     todo: list[Job] = []
     for n, text in lines:
-        if n in done:
-            report.skipped_done += 1
-            continue
         try:
-            todo.append(parse_job(text, n, jobs_path.parent, jobs_path.name))
+            job = parse_job(text, n, jobs_path.parent, jobs_path.name)
         except DmmiError as e:
+            if n in done:  # was run as a good line: the jobs file changed since
+                raise DmmiError(f"{out_path} holds line {n}, but {e}: these results come from another jobs file; "
+                                "give another --out") from None
             _bad(report, str(e), log)
+            continue
+        if n in done:
+            check_same_job(job, done[n], out_path, jobs_path.name)
+            report.skipped_done += 1
+        else:
+            todo.append(job)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc="jobs", dynamic_ncols=True)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     with open(out_path, "a", encoding="utf-8") as out:
         for start in range(0, len(todo), batch_jobs):
             group = _prepared(predictor, todo[start:start + batch_jobs], jobs_path.name, report, log)

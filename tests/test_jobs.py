@@ -63,7 +63,7 @@ def test_jobs_file_results_resume_and_bad_lines(setup, tmp_path, capsys):
     out = tmp_path / "results.jsonl"
     args = ["predict", "--jobs", str(jobs), "--out", str(out), "--checkpoint", str(ckpt), "--no-progress",
             "--batch-jobs", "2"]
-    assert cli(args) == 0
+    assert cli(args) == 1  # done, but some lines were skipped: a script can tell
     printed = capsys.readouterr().out
     assert "jobs.jsonl:2: not JSON" in printed and "jobs.jsonl:3:" in printed and "missing.png" in printed
     assert "jobs.jsonl:5: \"expressions\" must be a non-empty list" in printed
@@ -81,7 +81,7 @@ def test_jobs_file_results_resume_and_bad_lines(setup, tmp_path, capsys):
     # a killed run: the last result line cut short; the re-run drops it, redoes that job, skips the others
     text = out.read_text()
     out.write_text(text[: len(text) - 20])
-    assert cli(args) == 0
+    assert cli(args) == 1
     printed = capsys.readouterr().out
     assert "1 job(s) done, 2 already in" in printed
     assert [json.loads(x)["line"] for x in out.read_text().splitlines()] == [1, 4, 6]
@@ -103,3 +103,67 @@ def test_jobs_bad_arguments_are_one_line(setup, tmp_path, capsys):
         assert message in err and "\n" not in err
     assert cli(["predict", "--checkpoint", str(ckpt)]) == 2
     assert "give an image" in capsys.readouterr().err
+
+
+def test_results_of_another_jobs_file_are_refused_not_taken_as_done(setup, tmp_path, capsys):
+    _, _, root, ckpt = setup
+    first, second = root / "first.jsonl", root / "second.jsonl"
+    _write_jobs(first, [{"image": "a.png", "expressions": ["the red circle"]}])
+    _write_jobs(second, [{"image": "b.png", "expressions": ["the red circle"]}])
+    out = tmp_path / "results.jsonl"
+    assert cli(["predict", "--jobs", str(first), "--out", str(out), "--checkpoint", str(ckpt), "--no-progress"]) == 0
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert cli(["predict", "--jobs", str(second), "--out", str(out), "--checkpoint", str(ckpt), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "results.jsonl" in err and "second.jsonl:1" in err and "b.png" in err and "a.png" in err
+    assert "\n" not in err and out.read_bytes() == before  # nothing lost, nothing taken as done
+    _write_jobs(second, [{"image": "a.png", "expressions": ["another expression"]}])  # same image, other words
+    assert cli(["predict", "--jobs", str(second), "--out", str(out), "--checkpoint", str(ckpt), "--no-progress"]) == 2
+    assert "expressions" in capsys.readouterr().err and out.read_bytes() == before
+
+
+def test_results_file_in_a_folder_not_made_yet(setup, tmp_path):
+    _, _, root, ckpt = setup
+    jobs = root / "one.jsonl"
+    _write_jobs(jobs, [{"image": "a.png", "expressions": ["the red circle"]}])
+    out = tmp_path / "new" / "deeper" / "results.jsonl"
+    assert cli(["predict", "--jobs", str(jobs), "--out", str(out), "--checkpoint", str(ckpt), "--no-progress"]) == 0
+    assert json.loads(out.read_text())["line"] == 1
+
+
+def test_batch_size_sets_the_pairs_per_forward(setup, tmp_path, monkeypatch):
+    _, _, root, ckpt = setup
+    jobs = root / "two.jsonl"
+    _write_jobs(jobs, [{"image": "a.png", "expressions": ["x", "y", "z"]}, {"image": "b.png", "expressions": ["w"]}])
+    seen, forwards = [], []
+    load = Predictor.load.__func__
+
+    def recording_load(cls, *a, **kw):
+        predictor = load(cls, *a, **kw)
+        seen.append(predictor.expressions_per_call)
+        logits = predictor._logits
+        predictor._logits = lambda x, ids, mask: forwards.append(len(x)) or logits(x, ids, mask)
+        return predictor
+
+    monkeypatch.setattr(Predictor, "load", classmethod(recording_load))
+    args = ["predict", "--jobs", str(jobs), "--checkpoint", str(ckpt), "--no-progress", "--batch-size", "3"]
+    assert cli([*args, "--out", str(tmp_path / "r.jsonl")]) == 0
+    assert seen == [3] and forwards == [3, 1]  # 4 (image, expression) pairs, 3 per forward
+    assert cli(["predict", str(root / "a.png"), "x", "y", "--checkpoint", str(ckpt), "--batch-size", "1",
+                "--out", str(tmp_path / "o")]) == 0
+    assert seen[-1] == 1 and forwards[-2:] == [1, 1]
+
+
+@pytest.mark.parametrize("option, value", [("--min-area", "1.5"), ("--batch-size", "0"), ("--batch-jobs", "0"),
+                                           ("--threshold", "2")])
+def test_bad_numbers_are_refused_before_the_model_loads(setup, tmp_path, capsys, option, value):
+    _, _, root, _ = setup
+    jobs = root / "one.jsonl"
+    _write_jobs(jobs, [{"image": "a.png", "expressions": ["the red circle"]}])
+    missing = str(tmp_path / "no-such-model")  # were the model loaded first, the error would name it
+    for mode in (["--jobs", str(jobs), "--out", str(tmp_path / "r.jsonl")], [str(root / "a.png"), "a cat"]):
+        assert cli(["predict", *mode, "--checkpoint", missing, option, value]) == 2
+        err = capsys.readouterr().err.strip()
+        assert option in err and "no-such-model" not in err and "\n" not in err
+    assert not (tmp_path / "r.jsonl").exists()

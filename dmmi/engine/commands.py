@@ -36,27 +36,29 @@ examples:
 
 EVALUATE_EXAMPLES = """\
 examples:
-  dmmi evaluate --checkpoint runs/tiny/best.pt --split test
-  dmmi evaluate --checkpoint runs/dmmi/best.pt --split test --gallery gallery/ --json results.json
-  dmmi evaluate --checkpoint runs/dmmi/best.pt --split val --sweep-threshold sweep.png
+  dmmi evaluate --model runs/tiny/model --split test
+  dmmi evaluate --model runs/dmmi/model --split test --gallery gallery/ --json results.json
+  dmmi evaluate --model runs/dmmi/model --split val --sweep-threshold sweep.png
   dmmi evaluate --checkpoint dmmi_grefumd_swin_b.pt --data /data/refer --set data.format=refer \\
                 --set data.dataset=refcocog --set data.split_by=umd --split val
-  torchrun --nproc_per_node 8 -m dmmi.cli evaluate --checkpoint runs/dmmi/best.pt --split test
+  torchrun --nproc_per_node 8 -m dmmi.cli evaluate --model runs/dmmi/model --split test
 """
 
 PREDICT_EXAMPLES = """\
 examples:
-  dmmi predict photo.jpg "the two dogs on the left" "a red car" --checkpoint runs/demo/best.pt --out preds/
+  dmmi predict photo.jpg "the two dogs on the left" "a red car" --model runs/demo/model --out preds/
   dmmi predict photos/ "the cat" --model my-dmmi/ --threshold 0.7
-  dmmi predict --jobs jobs.jsonl --out results.jsonl --checkpoint runs/demo/best.pt
+  dmmi predict --jobs jobs.jsonl --out results.jsonl --model runs/demo/model --batch-size 32
       (jobs.jsonl: one {"image": "a.jpg", "expressions": ["the dog", "a cat"]} per line)
+
+exit status: 0 all done; 1 done, but some images / jobs lines were skipped (each reported); 2 an error
 """
 
 DEMO_EXAMPLES = """\
 examples:
   dmmi demo                                   # generate the data once, train demo_lite, evaluate, show overlays
   dmmi demo --steps 3000 --out runs/demo3k     # train longer (the preset's budget: train.max_steps)
-  dmmi demo --checkpoint runs/demo/best.pt    # evaluate an earlier demo model again
+  dmmi demo --checkpoint runs/demo/model      # evaluate an earlier demo model again
   dmmi demo --set model.i2t_decoder=false --set model.contrastive=false   # the ablation
 """
 
@@ -111,7 +113,10 @@ def register(subparsers) -> None:
     p.add_argument("--jobs", default=None, metavar="JOBS.jsonl",
                    help="batch mode: one {\"image\", \"expressions\"} per line; results (COCO RLE masks, scores) "
                         "go to --out RESULTS.jsonl; a re-run skips the lines already done")
-    p.add_argument("--batch-jobs", type=int, default=8, metavar="N", help="jobs per model batch with --jobs (default 8)")
+    p.add_argument("--batch-jobs", type=int, default=8, metavar="N",
+                   help="with --jobs: jobs read and run together, their (image, expression) pairs batched (default 8)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N",
+                   help="(image, expression) pairs per model forward (default 8; larger on a GPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar with --jobs")
     p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True, metavar="MODEL",
                    help="a model: best.pt / a .safetensors file, a model directory or a Hub repo id (owner/name)")
@@ -281,18 +286,13 @@ def cmd_predict(args) -> int:
     for e in args.expressions:
         if not e.strip():
             raise DmmiError("empty expression: give some words, e.g. \"the dog on the left\"")
-    max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else check_max_pixels(args.max_pixels, "--max-pixels")
+    max_pixels = _check_predict_numbers(args)  # before the model loads
     images = _images(Path(args.image))
     out = Path(args.out or "predictions")
     check_writable_folder(out, "--out")  # before the model is loaded
     device = resolve_device(args.device, option="--device", fix="--device cpu")
-    from dmmi.inference import check_threshold
-
-    check_threshold(args.threshold, "--threshold")  # before the model loads
-    if not 0.0 <= args.min_area < 1.0:
-        raise DmmiError(f"--min-area must be a share of the image in [0, 1), got {args.min_area}")
     predictor = Predictor.load(args.checkpoint, device=device, fast=not args.reference, max_pixels=max_pixels,
-                               threshold=args.threshold, min_area=args.min_area)
+                               threshold=args.threshold, min_area=args.min_area, expressions_per_call=args.batch_size)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -322,15 +322,30 @@ def cmd_predict(args) -> int:
         raise DmmiError(f"none of the {failed} images in {args.image} could be read (the reasons are above)")
     if failed:
         print(f"skipped {failed} unreadable image(s)")
+        return 1  # the others are done; a script can tell that some were not
     return 0
+
+
+def _check_predict_numbers(args) -> int:
+    """One-line DmmiError for a bad --threshold / --min-area / --batch-size / --batch-jobs / --max-pixels,
+    before anything loads or is written -> the pixel cap."""
+    from dmmi.data.images import DEFAULT_MAX_PIXELS, check_max_pixels
+    from dmmi.inference import check_threshold
+
+    check_threshold(args.threshold, "--threshold")
+    if not 0.0 <= args.min_area < 1.0:
+        raise DmmiError(f"--min-area must be a share of the image in [0, 1), got {args.min_area}")
+    for option, value in (("--batch-size", args.batch_size), ("--batch-jobs", args.batch_jobs)):
+        if value < 1:
+            raise DmmiError(f"{option} must be >= 1, got {value}")
+    return DEFAULT_MAX_PIXELS if args.max_pixels is None else check_max_pixels(args.max_pixels, "--max-pixels")
 
 
 def _predict_jobs(args) -> int:
     """dmmi predict --jobs JOBS.jsonl --out RESULTS.jsonl (dmmi.jobs)."""
-    from dmmi.data.images import DEFAULT_MAX_PIXELS, check_max_pixels
     from dmmi.engine.checkpoint import check_writable_folder
     from dmmi.engine.distributed import resolve_device
-    from dmmi.inference import Predictor, check_threshold
+    from dmmi.inference import Predictor
     from dmmi.jobs import check_results_path, run_jobs
 
     if args.image or args.expressions:
@@ -339,17 +354,14 @@ def _predict_jobs(args) -> int:
     if not jobs.is_file():
         raise DmmiError(f"jobs file not found: {jobs}")
     out = check_results_path(args.out, jobs)
-    check_writable_folder(out.parent, option="--out")
-    if args.batch_jobs < 1:
-        raise DmmiError(f"--batch-jobs must be >= 1, got {args.batch_jobs}")
-    check_threshold(args.threshold, "--threshold")
-    max_pixels = DEFAULT_MAX_PIXELS if args.max_pixels is None else check_max_pixels(args.max_pixels, "--max-pixels")
+    check_writable_folder(out.parent, option="--out", named=out)
+    max_pixels = _check_predict_numbers(args)
     device = resolve_device(args.device, option="--device", fix="--device cpu")
     predictor = Predictor.load(args.checkpoint, device=device, fast=not args.reference, max_pixels=max_pixels,
-                               threshold=args.threshold, min_area=args.min_area)
+                               threshold=args.threshold, min_area=args.min_area, expressions_per_call=args.batch_size)
     report = run_jobs(predictor, jobs, out, batch_jobs=args.batch_jobs, progress=not args.no_progress)
     print(report.summary(out))
-    return 0
+    return 1 if report.bad else 0  # 1: the bad lines were skipped (the others are done)
 
 
 def cmd_demo(args) -> int:
