@@ -186,19 +186,23 @@ def guess_preset(model_sd: dict) -> str:
     raise DmmiError("cannot tell the backbone from the checkpoint; pass --preset")
 
 
-def convert_checkpoint(src: str, out: str, preset: Optional[str] = None, overrides=()) -> dict:
+def convert_checkpoint(src: str, out: str, preset: Optional[str] = None, overrides=(),
+                       trained_on: Optional[str] = None) -> dict:
     """Authors' checkpoint file -> our model file: weights-only torch, safetensors or a Hub-style model
     directory, by ``out``'s suffix (:func:`dmmi.models.io.save_model_file`). A dmmi model file as ``src``
-    is rewritten in ``out``'s layout (e.g. ``best.pt`` -> a model directory)."""
+    is rewritten in ``out``'s layout (e.g. ``best.pt`` -> a model directory), keeping what it records
+    (figures, steps, training data). ``trained_on``: the dataset the authors trained that checkpoint on,
+    for the model card (their file does not say)."""
     import warnings
 
     from dmmi.config import load_config
-    from dmmi.models.io import load_model_file, save_model_file
+    from dmmi.models.io import load_model_file, read_model_file_extra, save_model_file
     from dmmi.models import build_model
 
     if _is_dmmi_file(src):
         model, cfg = load_model_file(src)
-        save_model_file(out, model, cfg, extra={"converted_from": str(src)})
+        kept = read_model_file_extra(src)[2]  # its figures, steps and training data stay on the model card
+        save_model_file(out, model, cfg, extra={**kept, "converted_from": str(src)})
         n = len(model.state_dict())
         return {"converted": n, "dropped": [], "missing": [], "preset": cfg.preset, "out": str(out),
                 "compat": cfg.model.compat}
@@ -215,7 +219,9 @@ def convert_checkpoint(src: str, out: str, preset: Optional[str] = None, overrid
     state, report = convert_state_dicts(model_sd, bert_sd, model.state_dict(), source=str(src))
     model.load_state_dict(state, strict=False)
     cfg.model.text_pretrained = False  # weights come from this file
-    save_model_file(out, model, cfg, extra={"converted_from": str(src), "epoch": info.get("epoch")})
+    # what it was trained on is not in the authors' file: None unless told (``trained_on``, --trained-on)
+    save_model_file(out, model, cfg, extra={"converted_from": str(src), "epoch": info.get("epoch"),
+                                            "trained_on": trained_on})
     report.update(preset=preset, out=str(out), compat="ris-dmmi")
     return report
 
@@ -238,7 +244,7 @@ def _is_dmmi_file(src: str) -> bool:
 
 CONVERT_EXAMPLES = """\
 examples:
-  dmmi convert refzom_swin_b.pth --out dmmi-refzom-swin-b/            # a model directory; preset from the tensors
+  dmmi convert refzom_swin_b.pth --out dmmi-refzom-swin-b/ --trained-on ref-zom   # preset from the tensors
   dmmi convert grefumd_r101.pth --out dmmi_grefumd_r101.safetensors --preset dmmi_r101
   dmmi convert refzom_swin_b.pth --out dmmi-refzom-480/ --set model.image_size=480   # the authors' size
   dmmi convert runs/demo/best.pt --out my-dmmi/                       # a dmmi checkpoint -> a model directory
@@ -261,6 +267,9 @@ def register(subparsers) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field of the converted model, e.g. --set model.image_size=480 "
                         "(repeatable; the authors' checkpoints only)")
+    p.add_argument("--trained-on", default=None, metavar="DATASET",
+                   help="the dataset the authors' checkpoint was trained on, for the model card, e.g. ref-zom or "
+                        "'G-Ref (UMD)' (their file does not record it)")
     p.set_defaults(func=_cmd_convert)
 
 
@@ -280,14 +289,14 @@ def _check_convert_args(args) -> None:
     if as_dir and out.exists() and not out.is_dir():
         raise DmmiError(f"--out {out}: is a file; a model directory (no suffix) needs a folder")
     check_writable_folder(out if as_dir else out.parent, "--out", named=out)
-    if (args.preset or args.overrides) and _is_dmmi_file(args.checkpoint):
-        raise DmmiError(f"--preset / --set: {args.checkpoint} is a dmmi model, whose config is kept; they apply to "
-                        "the authors' checkpoints only")
+    if (args.preset or args.overrides or args.trained_on) and _is_dmmi_file(args.checkpoint):
+        raise DmmiError(f"--preset / --set / --trained-on: {args.checkpoint} is a dmmi model, whose config and "
+                        "records are kept; they apply to the authors' checkpoints only")
 
 
 def _cmd_convert(args) -> int:
     _check_convert_args(args)
-    report = convert_checkpoint(args.checkpoint, args.out, args.preset, args.overrides)
+    report = convert_checkpoint(args.checkpoint, args.out, args.preset, args.overrides, trained_on=args.trained_on)
     print(f"converted {report['converted']} tensors into {report['out']} (preset {report['preset']}, "
           f"compat {report['compat']})")
     if report["dropped"]:

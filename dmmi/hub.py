@@ -142,7 +142,8 @@ def push_to_hub(model: torch.nn.Module, cfg, repo_id: str, *, private: bool = Fa
 def model_card(cfg, extra: dict) -> str:
     """The README.md of a model directory (Hub model-card front matter + text)."""
     d = cfg.data
-    trained_on = extra.get("trained_on") or d.dataset
+    converted = "converted_from" in extra and not extra.get("step")  # an authors' checkpoint, not a dmmi run
+    trained_on = extra.get("trained_on") or (None if converted else d.dataset)
     synthetic = trained_on == "synthetic"
     lines = ["---", "library_name: dmmi", "pipeline_tag: image-segmentation", "tags:",
              "- referring-image-segmentation", "- dmmi", "---", "",
@@ -158,17 +159,20 @@ def model_card(cfg, extra: dict) -> str:
              f"- preset `{cfg.preset}`: visual encoder `{cfg.model.backbone}`, text encoder "
              f"`{cfg.model.text_encoder}`, input {cfg.model.image_size} x {cfg.model.image_size}, "
              f"at most {cfg.model.max_tokens} tokens",
-             f"- training data: `{trained_on}` (format `{d.format}`, split `{d.train_split}`)", ""]
+             f"- training data: `{trained_on}` (format `{d.format}`, split `{d.train_split}`)" if not converted else
+             f"- converted from the authors' checkpoint `{Path(str(extra['converted_from'])).name}`; training data: "
+             + (f"{trained_on} (as given to `dmmi convert`)" if trained_on else
+                "not recorded in that file (see the authors' release)"), ""]
     if "step" in extra:
         lines += [f"- trained for {extra['step']} optimiser steps", ""]
     lines += ["## Intended use and limits", ""]
     if synthetic:
-        lines += ["Trained on dmmi's synthetic set of coloured shapes on plain backgrounds: a demonstration of the "
-                  "zero / one / many setting. It does not segment photographs meaningfully.", ""]
+        lines += ["Trained on dmmi's synthetic set of coloured shapes on plain, textured or photo backgrounds: a "
+                  "demonstration of the zero / one / many setting. It does not segment photographs meaningfully.", ""]
     else:
-        lines += [f"Expressions and images like those of `{trained_on}` (COCO-like photographs, English). "
-                  "Expressions that refer to nothing get an empty mask when the model is right; check the "
-                  "zero-target accuracy below before relying on it.", ""]
+        lines += [f"Expressions and images like those of `{trained_on or 'its training data'}` (COCO-like "
+                  "photographs, English). Expressions that refer to nothing get an empty mask when the model is "
+                  "right; check its zero-target accuracy (Acc) on data like yours before relying on it.", ""]
     val = extra.get("val")
     if isinstance(val, dict) and isinstance(val.get("dmmi"), dict):
         m = val["dmmi"]
@@ -178,5 +182,8 @@ def model_card(cfg, extra: dict) -> str:
 
         lines += ["## Validation figures (selection split, DMMI protocol)", "", "| oIoU | mIoU | Acc (zero-target) |",
                   "|---|---|---|", f"| {fmt(m.get('oIoU'))} | {fmt(m.get('mIoU'))} | {fmt(m.get('Acc'))} |", ""]
+    elif converted:
+        lines += ["## Figures", "", "Not re-evaluated by dmmi: the authors publish theirs in the paper and their "
+                  "repository (oIoU, mIoU, Acc per dataset).", ""]
     lines += ["## Citation", "", "```bibtex", CITATION, "```", ""]
     return "\n".join(lines)

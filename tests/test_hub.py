@@ -99,10 +99,15 @@ def test_predict_takes_a_model_directory_and_convert_writes_one(tiny, tmp_path, 
     assert "x.png" in capsys.readouterr().out
     from dmmi.models.io import save_model_file
 
-    pt = save_model_file(tmp_path / "best.pt", model, cfg)
+    record = {"step": 7, "trained_on": "synthetic", "val": {"dmmi": {"oIoU": 61.5, "mIoU": 58.25, "Acc": 90.0}}}
+    pt = save_model_file(tmp_path / "best.pt", model, cfg, extra=record)
     assert cli(["convert", str(pt), "--out", str(tmp_path / "as-dir")]) == 0
     again, _ = hub.from_pretrained(tmp_path / "as-dir")
     torch.testing.assert_close(_logits(again), _logits(model), rtol=0, atol=0)
+    card = (tmp_path / "as-dir" / "README.md").read_text()  # the file's records survive the rewrite
+    assert "| 61.50 | 58.25 | 90.00 |" in card and "trained for 7 optimiser steps" in card and "coloured shapes" in card
+    extra = json.loads((tmp_path / "as-dir" / "config.json").read_text())["extra"]
+    assert extra["trained_on"] == "synthetic" and extra["converted_from"] == str(pt)
 
 
 def test_push_to_hub_uploads_the_directory(tiny, monkeypatch):

@@ -272,7 +272,7 @@ def _output_stem(path: Path, index: int, text: str) -> str:
 
 
 def cmd_predict(args) -> int:
-    from dmmi.data.images import DEFAULT_MAX_PIXELS, check_max_pixels, load_image
+    from dmmi.data.images import load_image
     from dmmi.engine.checkpoint import check_writable_folder
     from dmmi.engine.distributed import resolve_device
     from dmmi.errors import printable

@@ -53,11 +53,17 @@ def read_model_file(path: str | Path, *, revision: Optional[str] = None) -> tupl
 
     ``path``: a model file (.pt / .safetensors, a training checkpoint), a model directory or a
     Hub repo id (:mod:`dmmi.hub`)."""
+    state, cfg, _ = read_model_file_extra(path, revision=revision)
+    return state, cfg
+
+
+def read_model_file_extra(path: str | Path, *, revision: Optional[str] = None) -> tuple[dict, dict, dict]:
+    """:func:`read_model_file` -> (state_dict, config dict, extra): what the file records beside the
+    weights (``{"val": ..., "step": ..., "trained_on": ...}``; {} for a training checkpoint)."""
     from dmmi import hub
 
     if Path(path).is_dir() or hub.looks_like_repo_id(str(path)):
-        state, cfg, _ = hub.read_model_dir(path, revision=revision)
-        return state, cfg
+        return hub.read_model_dir(path, revision=revision)
     path = Path(path)
     if not path.is_file():
         raise DmmiError(f"checkpoint not found: {path}")
@@ -72,7 +78,7 @@ def read_model_file(path: str | Path, *, revision: Optional[str] = None) -> tupl
             raise DmmiError(f"{path}: not a readable safetensors file or truncated ({str(e)[:120]})") from None
         if meta.get("format") != FORMAT:
             raise DmmiError(f"{path}: safetensors file without dmmi metadata (not a dmmi model)")
-        return state, json.loads(meta["config"])
+        return state, json.loads(meta["config"]), _plain_dict(json.loads(meta.get("extra") or "{}"))
     try:
         payload = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
@@ -80,12 +86,16 @@ def read_model_file(path: str | Path, *, revision: Optional[str] = None) -> tupl
         raise DmmiError(f"{path}: not a dmmi checkpoint or it is truncated ({first})") from None
     if isinstance(payload, dict) and payload.get("format") == TRAINING_FORMAT and \
             isinstance(payload.get("extra"), dict) and "config" in payload["extra"]:
-        return payload["model"], payload["extra"]["config"]  # a training checkpoint (dmmi.engine)
+        return payload["model"], payload["extra"]["config"], {}  # a training checkpoint (dmmi.engine)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT or "model" not in payload:
         hint = " (an authors' RIS-DMMI checkpoint? run `dmmi convert` first)" if isinstance(payload, dict) and \
             "bert_model" in payload else ""
         raise DmmiError(f"{path}: not a dmmi checkpoint{hint}")
-    return payload["model"], payload["config"]
+    return payload["model"], payload["config"], _plain_dict(payload.get("extra"))
+
+
+def _plain_dict(value) -> dict:
+    return value if isinstance(value, dict) else {}
 
 
 def load_model_file(path: str | Path, *, expect_preset: Optional[str] = None, map_location="cpu",

@@ -51,6 +51,17 @@ def test_converted_file_reproduces_the_authors_outputs(authors_file, tmp_path, c
         torch.testing.assert_close(model.text_encoder(ids, mask), bert(ids, attention_mask=mask).last_hidden_state)
 
 
+def test_the_model_card_of_a_converted_checkpoint_does_not_guess_its_training_data(authors_file, tmp_path):
+    path, _ = authors_file
+    convert_checkpoint(str(path), str(tmp_path / "plain"), overrides=TEXT)
+    card = (tmp_path / "plain" / "README.md").read_text()
+    assert "converted from the authors' checkpoint `model_best_refzom.pth`" in card
+    assert "not recorded in that file" in card and "ref-zom" not in card  # not the preset's default dataset
+    assert "Not re-evaluated by dmmi" in card
+    convert_checkpoint(str(path), str(tmp_path / "told"), overrides=TEXT, trained_on="G-Ref (UMD)")
+    assert "training data: G-Ref (UMD) (as given to `dmmi convert`)" in (tmp_path / "told" / "README.md").read_text()
+
+
 def test_refusals(authors_file, tmp_path):
     path, _ = authors_file
     with pytest.raises(DmmiError, match="shape mismatch"):

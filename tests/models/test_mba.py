@@ -3,7 +3,6 @@
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dmmi.models.mba import MultiScaleBidirectionalAttention, RegionWordAttention, StageFusion, WordWindowPixelAttention
@@ -25,7 +24,7 @@ def _loop_region_attention(mod: RegionWordAttention, v, words, mask):
     """Eq. 2 as we realise it: per pixel, concatenate the k x k reduced neighbours (zeros
     outside), project, dot with every word key, softmax over valid words. One sample."""
     C, H, W = v.shape
-    k, r = mod.region, mod.region // 2
+    r = mod.region // 2
     reduced = _conv(mod.pixel_reduce, v.reshape(C, H * W)).reshape(-1, H, W)
     cols = []
     for i in range(H):
