@@ -71,7 +71,7 @@ def check_onnx_packages() -> None:
     missing = [p for p in ONNX_PACKAGES if importlib.util.find_spec(p) is None]
     if missing:
         raise DmmiError(f"dmmi export --format onnx needs the package(s) {', '.join(missing)}: "
-                        "pip install 'dmmi[onnx]' (onnx, onnxscript; onnxruntime to run the result)")
+                        "pip install -e '.[onnx]' in the dmmi clone (onnx, onnxscript; onnxruntime to run the result)")
 
 
 def check_out(out: str | Path) -> Path:
@@ -250,7 +250,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("export", help="export a model's inference graph (ONNX) with a JSON sidecar",
                               description="Export a model's inference graph (ONNX) with a JSON sidecar saying how "
                                           "to feed it\n(pre-processing, tokenizer, logits -> mask). Needs "
-                                          "pip install 'dmmi[onnx]'.",
+                                          "pip install -e '.[onnx]' in the dmmi clone.",
                               epilog=EXPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="a model file (.pt / .safetensors), a model directory or a Hub repo id")
     p.add_argument("--format", default="onnx", help=f"{' | '.join(FORMATS)} (default onnx)")

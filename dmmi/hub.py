@@ -96,8 +96,8 @@ def resolve(name_or_path: str | Path, *, revision: Optional[str] = None, cache_d
                                   allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME])
     except (LocalEntryNotFoundError, OfflineModeIsEnabled):
         raise DmmiError(f"model {name_or_path}: not in the local Hugging Face cache and the Hub is offline "
-                        "(HF_HUB_OFFLINE=1, or no network): download it once with network, or pass a local "
-                        "model directory") from None
+                        "(HF_HUB_OFFLINE=1, which the dmmi command sets, or no network): with network, run once with "
+                        "HF_HUB_OFFLINE=0 to download it, or pass a local model directory") from None
     except (HfHubHTTPError, OSError) as e:
         raise DmmiError(f"model {name_or_path}: cannot fetch it from the Hub ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None

@@ -109,7 +109,8 @@ class Predictor:
     changes nothing.
 
     ``domain_note``: one line when the model was trained on the synthetic set (None otherwise); it
-    is logged once (logger ``dmmi``, WARNING) on the first image that is not synthetic-sized.
+    is logged once (logger ``dmmi``, WARNING) on the first image that is not synthetic-sized, unless
+    ``domain_noted`` is already True (a caller that said it itself, e.g. ``dmmi serve`` at start).
     """
 
     def __init__(self, model, cfg, *, device: str | torch.device = "auto", fast: bool = True, tokenizer=None,
@@ -134,7 +135,7 @@ class Predictor:
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model.text_encoder)
         self.trained_on = getattr(cfg.data, "dataset", None)
         self.domain_note = domain_note(self.trained_on)
-        self._noted = False
+        self.domain_noted = False  # True once the note was said (logged here, or by its caller)
         # cuda_graphs: the forward replayed from a CUDA graph per batch size (dmmi.engine.compiled); CUDA only
         self.graphed = GraphedForward(self.model, self.device, fast=fast) if cuda_graphs and \
             self.device.type == "cuda" else None
@@ -158,8 +159,8 @@ class Predictor:
 
     def _image(self, image: ImageLike) -> Image.Image:
         pil = self._load(image)
-        if self.domain_note and not self._noted and not looks_synthetic(pil.size):
-            self._noted = True
+        if self.domain_note and not self.domain_noted and not looks_synthetic(pil.size):
+            self.domain_noted = True
             log.warning(self.domain_note)
         return pil
 

@@ -319,7 +319,7 @@ class Service:
             for pred in run(image, texts):
                 mask = Image.fromarray(pred.mask.astype("uint8") * 255, mode="L")
                 shown_mask = mask if shown is image else mask.resize(shown.size, Image.Resampling.NEAREST)
-                tinted = overlay(shown, np.asarray(shown_mask) > 0)  # the prediction colour of every overlay
+                tinted = overlay(shown, np.asarray(shown_mask) > 0, label_empty=True)  # 'no target' written when empty
                 emit(pred, tinted, mask)
                 del pred, mask, shown_mask, tinted
         except DmmiError as e:
@@ -608,6 +608,7 @@ def serve(server: Server, host: str) -> int:
     note = server.service.domain_note
     if note:
         print(note)
+        server.service.predictor.domain_noted = True  # said once: not again on the first photo
     print(f"open {shown}  (API: POST {shown}api/predict; Ctrl+C to stop)", flush=True)
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if main else None  # uvicorn re-raises it after stopping

@@ -59,3 +59,16 @@ def test_dmmi_predict_prints_the_note_once(tmp_path, capsys):
                 "--device", "cpu"]) == 0
     err = capsys.readouterr().err
     assert err.count("trained on dmmi's synthetic set") == 1
+
+
+def test_dmmi_serve_says_the_note_at_start_and_not_again_on_the_first_photo(tmp_path, capsys, caplog, monkeypatch):
+    from dmmi import serve as serving
+
+    predictor = Predictor.load(_model(tmp_path, "synthetic"), device="cpu")
+    server = serving.make_server(predictor, "127.0.0.1", 0, quiet=True, ui=False)
+    monkeypatch.setattr(server, "serve_forever", lambda: None)  # start, print, stop at once
+    assert serving.serve(server, "127.0.0.1") == 0
+    assert capsys.readouterr().out.count("trained on dmmi's synthetic set") == 1
+    with caplog.at_level(logging.WARNING, logger="dmmi"):
+        predictor.predict(_image(tmp_path / "photo.jpg", 96, 64), "the red circle")  # what a request runs
+    assert not _notes(caplog)

@@ -206,4 +206,4 @@ def test_missing_onnx_packages_are_named(tiny_file, tmp_path, capsys, monkeypatc
     real = export_mod.importlib.util.find_spec
     monkeypatch.setattr(export_mod.importlib.util, "find_spec", lambda n, *a: None if n == "onnxscript" else real(n, *a))
     assert cli(["export", str(tiny_file), "--out", str(tmp_path / "m.onnx")]) == 2
-    _one_line_error(capsys, "onnxscript", "dmmi[onnx]")
+    _one_line_error(capsys, "onnxscript", ".[onnx]")
