@@ -196,12 +196,12 @@ def convert_checkpoint(src: str, out: str, preset: Optional[str] = None, overrid
     import warnings
 
     from dmmi.config import load_config
-    from dmmi.models.io import load_model_file, read_model_file_extra, save_model_file
+    from dmmi.models.io import model_from_state, read_model_file_extra, save_model_file
     from dmmi.models import build_model
 
     if _is_dmmi_file(src):
-        model, cfg = load_model_file(src)
-        kept = read_model_file_extra(src)[2]  # its figures, steps and training data stay on the model card
+        state, cfg_dict, kept = read_model_file_extra(src)  # kept: its figures, steps and training data
+        model, cfg = model_from_state(str(src), state, cfg_dict)
         save_model_file(out, model, cfg, extra={**kept, "converted_from": str(src)})
         n = len(model.state_dict())
         return {"converted": n, "dropped": [], "missing": [], "preset": cfg.preset, "out": str(out),

@@ -188,15 +188,8 @@ class Predictor:
         Every expression is tokenized (an empty one: DmmiError) and the image loaded before the
         first forward; the masks are the same however the expressions are grouped per forward.
         """
-        texts = list(texts)
-        if not texts:
-            raise DmmiError("no expression given")
-        pil = self._image(image)
-        width, height = pil.size
-        encoded = [encode(self.tokenizer, t, self.max_tokens) for t in texts]  # empty text -> DmmiError
-        x = image_to_tensor(pil, self.size)[None].to(self.device)  # (1, 3, S, S)
-        del pil
-        return self._masks(x, texts, encoded, (height, width))
+        item = self.prepare(image, texts)  # empty text -> DmmiError
+        return self._masks(item.image[None].to(self.device), item.texts, item.encoded, item.size_hw)  # (1, 3, S, S)
 
     @torch.no_grad()
     def _masks(self, x: torch.Tensor, texts: list[str], encoded: list,

@@ -105,10 +105,16 @@ def load_model_file(path: str | Path, *, expect_preset: Optional[str] = None, ma
 
     ``expect_preset``: refuse a file of another preset with a clear message.
     """
+    state, cfg_dict = read_model_file(path, revision=revision)
+    return model_from_state(str(path), state, cfg_dict, expect_preset=expect_preset, map_location=map_location)
+
+
+def model_from_state(path: str, state: dict, cfg_dict: dict, *, expect_preset: Optional[str] = None,
+                     map_location="cpu"):
+    """:func:`read_model_file`'s (state_dict, config dict) of ``path`` -> (model, Config)."""
     from dmmi.config import Config
     from dmmi.models import build_model
 
-    state, cfg_dict = read_model_file(path, revision=revision)
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise DmmiError(f"{path}: the file holds no model weights (its 'model' entry is empty or not a state dict)")
     if not isinstance(cfg_dict, dict):
