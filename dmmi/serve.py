@@ -56,7 +56,8 @@ MAX_REQUEST_MB = 20.0  # whole multipart body (--max-mb); also the largest uploa
 MAX_PIXELS = DEFAULT_MAX_PIXELS  # decoded image: width * height (--max-pixels)
 MAX_EXPRESSIONS = 16
 MAX_EXPRESSION_CHARS = 300
-MAX_PARTS = 64  # form parts per request: a few images / texts too many still get a precise error
+MAX_PARTS = 64  # form files and fields per request: a few images / texts too many still get a precise error
+MAX_FIELD_BYTES = 64 * 1024  # one plain (non-file) form field: MAX_EXPRESSIONS lines of MAX_EXPRESSION_CHARS fit
 OVERLAY_MAX_SIDE = 1280  # overlays are for looking at: larger images are shown downscaled
 OVERLAY_SIDE_LIMIT = 65535  # the largest overlay_max_side accepted
 MAX_PENDING = 32  # predict requests admitted at once (reading, waiting for the model, running)
@@ -117,7 +118,7 @@ def decode_image(data: bytes, filename: Optional[str] = None, max_pixels: Option
 
 @dataclass
 class Part:
-    """One form part of a multipart body, its bytes as sent."""
+    """One form part of a multipart body: its field name, its bytes as sent and, for a file, its name."""
 
     name: str
     data: bytes
@@ -125,90 +126,75 @@ class Part:
     content_type: Optional[str] = None
 
 
-class MultipartCollector:
-    """Feed a multipart/form-data body in chunks (python-multipart's streaming parser) -> its parts.
+async def drain(request, budget: int) -> None:
+    """Read and drop what is left of a request's body (at most ``budget`` bytes)."""
+    from starlette.requests import ClientDisconnect
 
-    Field names outside ``allowed`` are refused as soon as their headers end, so a wrong form
-    is answered before its upload is kept.
-    """
+    try:
+        while budget > 0:
+            message = await request.receive()
+            if message["type"] != "http.request":
+                return
+            budget -= len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+    except ClientDisconnect:
+        pass
 
-    def __init__(self, content_type: str, allowed: tuple[str, ...] = FIELDS, max_parts: int = MAX_PARTS):
-        from python_multipart.multipart import MultipartParser, parse_options_header
 
-        kind, params = parse_options_header(content_type or "")
-        if kind.lower() != b"multipart/form-data":
-            raise RequestError("send the form as multipart/form-data (an 'image' file and 'text' fields)",
-                               HTTPStatus.UNSUPPORTED_MEDIA_TYPE)
-        boundary = params.get(b"boundary")
-        if not boundary or len(boundary) > 200:
-            raise RequestError("multipart body without a boundary in its Content-Type")
-        self.allowed, self.max_parts, self._parse_options = allowed, max_parts, parse_options_header
-        self.parts: list[Part] = []
-        self._headers: dict[str, bytes] = {}
-        self._field = self._value = b""
-        self._data = bytearray()
-        self.ended = False
-        self.parser = MultipartParser(boundary, {
-            "on_part_begin": self._begin, "on_part_data": self._part_data, "on_part_end": self._part_end,
-            "on_header_field": self._header_field, "on_header_value": self._header_value,
-            "on_header_end": self._header_end, "on_headers_finished": self._headers_finished,
-            "on_end": self._end})
+async def read_form(request, limit: int, allowed: tuple[str, ...] = FIELDS, max_parts: int = MAX_PARTS) -> list[Part]:
+    """A multipart/form-data request -> its parts in order (Starlette's form parser on
+    python-multipart), or a one-line RequestError: not multipart (415), a body over ``limit`` bytes
+    whatever its Content-Length says (413, counted as it arrives), more than ``max_parts`` parts, a
+    malformed or cut-off body, a field name outside ``allowed``."""
+    from python_multipart.multipart import parse_options_header
+    from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException
+    from starlette.formparsers import MultiPartException
+    from starlette.requests import Request
 
-    def write(self, chunk: bytes) -> None:
-        try:
-            self.parser.write(chunk)
-        except RequestError:
-            raise
-        except Exception as e:  # python-multipart's MultipartParseError and friends
-            raise RequestError(f"malformed multipart body: {e}") from None
+    kind, params = parse_options_header(request.headers.get("content-type", ""))
+    if kind.lower() != b"multipart/form-data":
+        raise RequestError("send the form as multipart/form-data (an 'image' file and 'text' fields)",
+                           HTTPStatus.UNSUPPORTED_MEDIA_TYPE)
+    boundary = params.get(b"boundary")
+    if not boundary or len(boundary) > 200:
+        raise RequestError("multipart body without a boundary in its Content-Type")
+    closing = b"--" + boundary + b"--"
+    seen, tail, done = 0, b"", False
 
-    def finish(self) -> list[Part]:
-        if not self.ended:
+    async def counted_receive():
+        nonlocal seen, tail, done
+        message = await request.receive()
+        if message["type"] == "http.request":
+            chunk = message.get("body", b"")
+            seen, done = seen + len(chunk), not message.get("more_body", False)
+            if seen > limit:  # no (or a false) Content-Length
+                raise RequestError(f"request too large: more than {mb(limit)} MB", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+            tail = (tail + chunk)[-(len(closing) + 4):]  # where the closing boundary must be
+        return message
+
+    try:
+        form = await Request(request.scope, counted_receive).form(
+            max_files=max_parts, max_fields=max_parts, max_part_size=MAX_FIELD_BYTES)
+    except (HTTPException, MultiPartException) as e:  # HTTPException: Starlette's 400 inside an app
+        if not done:  # the rest of a bad form, so that the client reads the answer
+            await drain(request, limit - seen)
+        raise RequestError(f"multipart form refused: {getattr(e, 'detail', None) or e.message}") from None
+    try:
+        if closing not in tail:  # python-multipart ends quietly where the body stops
             raise RequestError("malformed multipart body: it was cut off (no closing boundary)")
-        return self.parts
-
-    # python-multipart callbacks
-    def _begin(self) -> None:
-        if len(self.parts) >= self.max_parts:
-            raise RequestError(f"too many form parts (at most {self.max_parts})")
-        self._headers, self._data = {}, bytearray()
-
-    def _header_field(self, data: bytes, start: int, end: int) -> None:
-        self._field += data[start:end]
-
-    def _header_value(self, data: bytes, start: int, end: int) -> None:
-        self._value += data[start:end]
-
-    def _header_end(self) -> None:
-        self._headers[self._field.decode("latin-1").lower()] = self._value
-        self._field = self._value = b""
-
-    def _headers_finished(self) -> None:
-        kind, params = self._parse_options(self._headers.get("content-disposition", b""))
-        if kind.lower() != b"form-data":
-            raise RequestError("malformed multipart body: a part is not form-data")
-        if b"name" not in params:
-            raise RequestError("malformed multipart body: a part has no name")
-        name = params[b"name"].decode("utf-8", errors="replace")
-        if name not in self.allowed:
-            raise RequestError(f"unknown form field {name[:40]!r}; the fields are {', '.join(self.allowed)}")
-        filename = params.get(b"filename")
-        ctype = self._headers.get("content-type")
-        # browsers send UTF-8 file names as raw bytes
-        self._part = Part(name=name, data=b"", filename=None if filename is None else
-                          filename.decode("utf-8", errors="replace"),
-                          content_type=None if ctype is None else ctype.decode("latin-1").strip())
-
-    def _part_data(self, data: bytes, start: int, end: int) -> None:
-        self._data += data[start:end]
-
-    def _part_end(self) -> None:
-        self._part.data = bytes(self._data)
-        self.parts.append(self._part)
-        self._data = bytearray()
-
-    def _end(self) -> None:
-        self.ended = True
+        parts = []
+        for name, value in form.multi_items():
+            if name not in allowed:
+                raise RequestError(f"unknown form field {name[:40]!r}; the fields are {', '.join(allowed)}")
+            if isinstance(value, UploadFile):
+                parts.append(Part(name, await value.read(), value.filename, value.content_type))
+            else:  # a plain field: Starlette has decoded it (UTF-8)
+                parts.append(Part(name, value.encode("utf-8")))
+        return parts
+    finally:
+        await form.close()
 
 
 def _text(part: Part) -> str:
@@ -374,19 +360,6 @@ def create_app(service: Service, *, ui: bool = True):
         return JSONResponse({"error": " ".join(str(message).split())}, status_code=int(status),
                             headers={**headers, **(extra or {})})
 
-    async def drain(request, budget: int) -> None:
-        """Read and drop what is left of the body (at most ``budget`` bytes)."""
-        try:
-            while budget > 0:
-                message = await request.receive()
-                if message["type"] != "http.request":
-                    return
-                budget -= len(message.get("body", b""))
-                if not message.get("more_body", False):
-                    return
-        except ClientDisconnect:
-            pass
-
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):  # 404 / 405 of the JSON routes, in the same one-line shape
         return error(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}")
@@ -406,25 +379,7 @@ def create_app(service: Service, *, ui: bool = True):
             return error(HTTPStatus.SERVICE_UNAVAILABLE, f"busy: {service.max_pending} requests in progress; "
                          "try again in a moment", {"Retry-After": "1"})
         try:
-            seen, done = 0, False
-            try:
-                collector = MultipartCollector(request.headers.get("content-type", ""))
-                while not done:
-                    message = await request.receive()
-                    if message["type"] != "http.request":
-                        raise ClientDisconnect()
-                    chunk, done = message.get("body", b""), not message.get("more_body", False)
-                    seen += len(chunk)
-                    if seen > limit:  # no (or a false) Content-Length
-                        raise RequestError(f"request too large: more than {mb(limit)} MB",
-                                           HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-                    collector.write(chunk)
-            except RequestError as e:
-                if not done and e.status != HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
-                    await drain(request, limit - seen)  # the rest of a bad form, so the client reads the answer
-                raise
-            parts = collector.finish()
-            del collector
+            parts = await read_form(request, limit)
             payload = await run_in_threadpool(service.predict_parts, parts)
         except RequestError as e:
             return error(e.status, str(e), e.headers)

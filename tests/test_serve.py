@@ -1,6 +1,7 @@
 """`dmmi serve`: the JSON API (FastAPI's test client and a real uvicorn server), the Gradio page's
 function and configuration, app.py and the CLI, against a tiny trained checkpoint."""
 
+import asyncio
 import base64
 import copy
 import io
@@ -24,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from starlette.requests import Request
 
 from dmmi.cli import build_parser, main as cli
 from dmmi.config import load_config
@@ -31,7 +33,7 @@ from dmmi.data.synthetic import generate
 from dmmi.engine.train import train
 from dmmi.errors import DmmiError
 from dmmi.inference import Predictor
-from dmmi.serve import (LISTEN_BACKLOG, MultipartCollector, RequestError, Service, create_app, decode_image,
+from dmmi.serve import (LISTEN_BACKLOG, RequestError, Service, create_app, decode_image, read_form,
                         make_server)
 
 pytestmark = pytest.mark.timeout(180)
@@ -279,7 +281,10 @@ def test_predict_through_httpx_with_a_real_server_jpeg_and_small_overlays(photo,
     ("too many", lambda p: [_png(p), ("text", "\n".join(f"shape {i}" for i in range(40)))], 400,
      "too many expressions: 40 (at most 16"),
     ("too long", lambda p: [_png(p), ("text", "a " * 200)], 400, "expression too long: 399 characters"),
-    ("too many parts", lambda p: [_png(p)] + [("text", "a cat")] * 70, 400, "too many form parts"),
+    ("too many parts", lambda p: [_png(p)] + [("text", "a cat")] * 70, 400,
+     "multipart form refused: Too many fields. Maximum number of fields is 64."),
+    ("too many files", lambda p: [_png(p)] * 70 + [("text", "a cat")], 400, "Too many files"),
+    ("a huge text field", lambda p: [_png(p), ("text", "a cat " * 20_000)], 400, "exceeded maximum size of 64KB"),
 ])
 def test_bad_input_is_a_one_line_4xx(client, photo, case, fields, status, words):
     got, out = client_predict(client, fields(photo))
@@ -297,7 +302,7 @@ def test_bad_requests(client, predictor):
     assert status == 415 and "multipart/form-data" in out["error"]
     assert post(b"", None)[0] == 415
     status, out = post(b"--x\r\nno closing", "multipart/form-data; boundary=x")
-    assert status == 400 and out["error"].startswith("malformed multipart body")
+    assert status == 400 and out["error"] == "multipart form refused: Invalid multipart data."
     status, out = post(b"--x\r\nContent-Disposition: form-data; name=\"text\"\r\n\r\na cat",
                        "multipart/form-data; boundary=x")
     assert status == 400 and "cut off" in out["error"]
@@ -434,23 +439,37 @@ def test_the_pixel_cap_is_configurable_and_decoding_is_the_shared_loader(photo, 
         make_server(predictor, "127.0.0.1", 0, max_pending=0)
 
 
-def test_multipart_collector_keeps_bytes_exactly_in_any_chunking():
+def test_read_form_keeps_bytes_exactly_in_any_chunking():
     blob = bytes(range(256)) * 4 + b"\r\n\r\n--\r\n" + b"\r" + b"\n"
     body, ctype = multipart([("image", ("a b.png", blob, "image/png")), ("text", "line 1\r\nline 2"),
                              ("text", "caf\u00e9")])
+
+    def read(body: bytes, ctype: str, size: int, limit: int = 10**6):
+        chunks = [body[i:i + size] for i in range(0, len(body), size)] or [b""]
+        messages = iter([{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+                         for i, c in enumerate(chunks)])
+
+        async def receive():
+            return next(messages)
+
+        scope = {"type": "http", "method": "POST", "path": "/api/predict", "headers": [(b"content-type", ctype.encode())]}
+        return asyncio.run(read_form(Request(scope, receive), limit))
+
     for size in (len(body), 7, 1):
-        collector = MultipartCollector(ctype)
-        for i in range(0, len(body), size):
-            collector.write(body[i:i + size])
-        parts = collector.finish()
+        parts = read(body, ctype, size)
         assert [(p.name, p.filename) for p in parts] == [("image", "a b.png"), ("text", None), ("text", None)]
         assert parts[0].data == blob and parts[0].content_type == "image/png"
         assert parts[1].data == b"line 1\r\nline 2" and parts[2].data.decode() == "caf\u00e9"
     with pytest.raises(RequestError, match="boundary"):
-        MultipartCollector("multipart/form-data")
+        read(body, "multipart/form-data", 100)
     with pytest.raises(RequestError, match="multipart/form-data") as e:
-        MultipartCollector("application/x-www-form-urlencoded")
+        read(b"a=1", "application/x-www-form-urlencoded", 100)
     assert e.value.status == 415
+    with pytest.raises(RequestError, match="cut off"):  # every part whole, the closing boundary missing
+        read(body[:body.rindex(b"--" + ctype.split("=")[1].encode())], ctype, 50)
+    with pytest.raises(RequestError, match="request too large: more than") as e:  # counted, whatever the header
+        read(body, ctype, 100, limit=len(body) - 1)
+    assert e.value.status == 413
 
 
 def test_the_server_binds_where_asked_and_says_so_when_it_cannot(predictor):
