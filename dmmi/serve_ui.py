@@ -33,6 +33,9 @@ CSS = """
 #results th, #results td { text-align: left; padding: 4px 8px; border-bottom: 1px solid var(--border-color-primary); }
 #results td.num { font-variant-numeric: tabular-nums; }
 #domain-note { color: var(--body-text-color-subdued); }
+/* gallery captions wrap instead of ending in an ellipsis ("foregrou...") */
+#overlays .caption-label { white-space: normal; overflow: visible; max-width: calc(100% - 2 * var(--block-label-margin)); opacity: 0.9; }
+#overlays .caption { white-space: normal; overflow: visible; }
 """
 
 

@@ -37,6 +37,8 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage", "--window-size=1280,1100", "--hide-scrollbars", "--force-device-scale-factor=1"]
 DOCS_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "web_demo.png"
+CUT_CAPTIONS = """return [...document.querySelectorAll('#overlays .caption-label, #overlays .caption')]
+    .filter(e => e.offsetParent !== null && e.scrollWidth > e.clientWidth + 1).map(e => e.textContent);"""
 BROKEN_IMAGES = """return [...document.querySelectorAll('img')]
     .filter(i => i.offsetWidth > 0 && i.offsetHeight > 0 && i.complete && i.naturalWidth === 0)
     .map(i => i.src.slice(0, 120))"""
@@ -153,6 +155,7 @@ def test_page_segments_an_uploaded_image_offline(server, scene, browser, tmp_pat
         assert 0 <= float(row.find_element(By.CSS_SELECTOR, ".num").text) <= 1
     for img in _overlays(d):
         assert img.size["width"] > 60 and img.size["height"] > 60  # shown, not a broken icon
+    assert d.execute_script(CUT_CAPTIONS) == []  # every caption readable in full
     masks = _wait(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#masks a"), "the mask downloads")
     assert any("00_" in (a.get_attribute("href") or "") + a.text for a in masks)
     assert d.execute_script(BROKEN_IMAGES) == []
