@@ -222,6 +222,20 @@ def test_predict(client, photo, predictor):
             assert not np.array_equal(np.asarray(overlay), np.asarray(photo))
 
 
+def test_a_no_target_overlay_says_so(predictor):
+    nothing = Predictor(predictor.model, predictor.cfg, device="cpu", tokenizer=predictor.tokenizer,
+                        min_area=0.999)  # every mask counts as no target
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (160, 256, 3), dtype=np.uint8))
+    with api_client(nothing) as c:
+        status, out = client_predict(c, [_png(image), ("text", "the red circle")])
+    assert status == 200, out
+    result, = out["results"]
+    assert result["no_target"] and not np.asarray(decode_png(result["mask_png_base64"])).any()
+    shown, plain = np.asarray(decode_png(result["overlay_png_base64"])), np.asarray(image)
+    assert not np.array_equal(shown[:40, :120], plain[:40, :120])  # "no target" written top left
+    assert np.array_equal(shown[60:], plain[60:])  # the rest of the image untouched
+
+
 def test_predict_through_httpx_with_a_real_server_jpeg_and_small_overlays(photo, predictor):
     import httpx
 
