@@ -511,6 +511,8 @@ examples:
 def register(subparsers) -> None:
     import argparse
 
+    from dmmi.engine.commands import decision_options
+
     p = subparsers.add_parser("serve", help="a web page (and JSON API) to segment your own images",
                               description="Serve a trained model: a web page (Gradio) at / and a JSON API at\n"
                                           "/api/predict (multipart: an 'image' file, one or more 'text' fields).",
@@ -521,10 +523,7 @@ def register(subparsers) -> None:
     p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks a free one)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--reference", action="store_true", help="fp32 reference mode instead of the fast mode")
-    p.add_argument("--threshold", type=float, default=None, metavar="P",
-                   help="mask = pixels with foreground probability > P (default: the paper's argmax, = 0.5)")
-    p.add_argument("--min-area", type=float, default=0.0, metavar="SHARE",
-                   help="a mask smaller than this share of the image counts as no target (default 0)")
+    decision_options(p)  # --threshold, --min-area
     p.add_argument("--max-mb", type=float, default=MAX_REQUEST_MB, metavar="MB",
                    help=f"largest request or upload accepted, in MB (default {MAX_REQUEST_MB:g})")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
@@ -541,7 +540,7 @@ def _interrupt(signum, frame):
 
 def check_args(args) -> None:
     """The options' values, before the model loads (one-line DmmiError)."""
-    from dmmi.inference import check_threshold
+    from dmmi.engine.commands import check_decision
 
     if not 0 <= args.port <= 65535:
         raise DmmiError(f"--port must be in 0-65535, got {args.port}")
@@ -550,9 +549,7 @@ def check_args(args) -> None:
     check_max_pixels(args.max_pixels, "--max-pixels")
     if args.max_pending < 1:
         raise DmmiError(f"--max-pending must be >= 1, got {args.max_pending}")
-    check_threshold(args.threshold, "--threshold")
-    if not 0.0 <= args.min_area < 1.0:
-        raise DmmiError(f"--min-area must be a share of the image in [0, 1), got {args.min_area}")
+    check_decision(args)  # --threshold, --min-area
 
 
 def serve(server: Server, host: str) -> int:

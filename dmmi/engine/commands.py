@@ -39,6 +39,7 @@ examples:
   dmmi evaluate --model runs/tiny/model --split test
   dmmi evaluate --model runs/dmmi/model --split test --gallery gallery/ --json results.json
   dmmi evaluate --model runs/dmmi/model --split val --sweep-threshold sweep.png
+  dmmi evaluate --model runs/dmmi/model --split test --threshold 0.7 --min-area 0.005
   dmmi evaluate --checkpoint dmmi_grefumd_swin_b.pt --data /data/refer --set data.format=refer \\
                 --set data.dataset=refcocog --set data.split_by=umd --split val
   torchrun --nproc_per_node 8 -m dmmi.cli evaluate --model runs/dmmi/model --split test
@@ -103,6 +104,7 @@ def register(subparsers) -> None:
     p.add_argument("--sweep-threshold", default=None, metavar="PNG",
                    help="also evaluate the masks 'p(foreground) > t' for t = 0.05 ... 0.95: a table, PNG (Acc vs oIoU, "
                         "N-acc vs cIoU) and PNG's .json")
+    decision_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)
 
@@ -125,11 +127,7 @@ def register(subparsers) -> None:
                         "predictions/); with --jobs: the results file")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--reference", action="store_true", help="fp32 reference mode instead of the fast mode")
-    p.add_argument("--threshold", type=float, default=None, metavar="P",
-                   help="mask = pixels with foreground probability > P (default: the paper's argmax, = 0.5); "
-                        "higher: fewer false positives on expressions that refer to nothing")
-    p.add_argument("--min-area", type=float, default=0.0, metavar="SHARE",
-                   help="a mask smaller than this share of the image counts as no target (default 0)")
+    decision_options(p)
     p.add_argument("--max-pixels", type=int, default=None, metavar="N",
                    help="refuse images larger than N pixels (width x height; default 40 million)")
     p.set_defaults(func=cmd_predict)
@@ -187,7 +185,8 @@ def cmd_evaluate(args) -> int:
     from dmmi.engine.evaluate import evaluate_checkpoint
     from dmmi.metrics import format_group_table, format_table
 
-    # the outputs are checked before the evaluation starts, not after it has run for an hour
+    # the options and outputs are checked before the evaluation starts, not after it has run for an hour
+    check_decision(args)
     if args.json:
         if Path(args.json).is_dir():
             raise DmmiError(f"--json {args.json} is a folder, not a file")
@@ -199,15 +198,16 @@ def cmd_evaluate(args) -> int:
             raise DmmiError(f"--sweep-threshold {args.sweep_threshold}: give a .png path (its table goes beside it "
                             "as .json)")
         check_writable_folder(Path(args.sweep_threshold).parent, option="--sweep-threshold")
-    from dmmi.engine.evaluate import SWEEP_THRESHOLDS, format_sweep, plot_sweep
+    from dmmi.engine.evaluate import SWEEP_THRESHOLDS, describe_decision, format_sweep, plot_sweep
 
     results, skipped, info = evaluate_checkpoint(
         args.checkpoint, data_root=args.data, split=args.split, overrides=args.overrides, device=args.device,
         fast=not args.reference, gallery_dir=args.gallery, progress=not args.no_progress, by_wording=args.by_wording,
-        sweep=SWEEP_THRESHOLDS if args.sweep_threshold else None)
+        sweep=SWEEP_THRESHOLDS if args.sweep_threshold else None, threshold=args.threshold, min_area=args.min_area)
     if not info["is_main"]:
         return 0
-    print(f"{info['preset']} on {info['dataset']} / {info['split']}: {info['samples']} samples")
+    print(f"{info['preset']} on {info['dataset']} / {info['split']}: {info['samples']} samples "
+          f"({describe_decision(args.threshold, args.min_area)})")
     print(format_table(results))
     if "groups" in results:
         print()
@@ -216,7 +216,8 @@ def cmd_evaluate(args) -> int:
         print(skipped.summary())
     if "sweep" in results:
         print()
-        print("threshold sweep (mask = p(foreground) > threshold; the argmax above is 0.50):")
+        print("threshold sweep (mask = p(foreground) > threshold; the argmax is 0.50"
+              + (f"; no target below {100 * args.min_area:g}% of the image" if args.min_area else "") + "):")
         print(format_sweep(results["sweep"]))
     gallery_error = info.pop("gallery_error", None)
     if args.json:
@@ -227,8 +228,8 @@ def cmd_evaluate(args) -> int:
         print(f"results written to {args.json}")
     if args.sweep_threshold:
         png = Path(args.sweep_threshold)
-        sweep_json = json.dumps({"split": info["split"], "checkpoint": info["checkpoint"], "sweep": results["sweep"]},
-                                indent=1)
+        sweep_json = json.dumps({"split": info["split"], "checkpoint": info["checkpoint"], "min_area": args.min_area,
+                                 "sweep": results["sweep"]}, indent=1)
         from dmmi.engine.checkpoint import atomic_write
 
         atomic_write(png.with_suffix(".json"), lambda tmp: tmp.write_text(sweep_json))
@@ -326,15 +327,30 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def _check_predict_numbers(args) -> int:
-    """One-line DmmiError for a bad --threshold / --min-area / --batch-size / --batch-jobs / --max-pixels,
-    before anything loads or is written -> the pixel cap."""
-    from dmmi.data.images import DEFAULT_MAX_PIXELS, check_max_pixels
+def decision_options(p) -> None:
+    """--threshold / --min-area: the no-target decision (predict and evaluate)."""
+    p.add_argument("--threshold", type=float, default=None, metavar="P",
+                   help="mask = pixels with foreground probability > P (default: the paper's argmax, = 0.5); "
+                        "higher: fewer false positives on expressions that refer to nothing")
+    p.add_argument("--min-area", type=float, default=0.0, metavar="SHARE",
+                   help="a mask smaller than this share of the image counts as no target (default 0)")
+
+
+def check_decision(args) -> None:
+    """One-line DmmiError for a bad --threshold / --min-area, before anything loads."""
     from dmmi.inference import check_threshold
 
     check_threshold(args.threshold, "--threshold")
     if not 0.0 <= args.min_area < 1.0:
         raise DmmiError(f"--min-area must be a share of the image in [0, 1), got {args.min_area}")
+
+
+def _check_predict_numbers(args) -> int:
+    """One-line DmmiError for a bad --threshold / --min-area / --batch-size / --batch-jobs / --max-pixels,
+    before anything loads or is written -> the pixel cap."""
+    from dmmi.data.images import DEFAULT_MAX_PIXELS, check_max_pixels
+
+    check_decision(args)
     for option, value in (("--batch-size", args.batch_size), ("--batch-jobs", args.batch_jobs)):
         if value < 1:
             raise DmmiError(f"{option} must be >= 1, got {value}")

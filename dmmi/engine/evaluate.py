@@ -114,14 +114,35 @@ def threshold_masks(logits: torch.Tensor, threshold: Optional[float]) -> torch.T
     return probability > threshold
 
 
+def decide_masks(logits: torch.Tensor, threshold: Optional[float] = None, min_area: float = 0.0) -> torch.Tensor:
+    """(B, 2, H, W) class scores -> (B, H, W) bool masks with the no-target decision of
+    :class:`dmmi.inference.Predictor`: :func:`threshold_masks`, then a mask covering less than
+    ``min_area`` of the image emptied. (Predictor measures the share at the image's own size,
+    evaluation at the evaluation resolution.)"""
+    masks = threshold_masks(logits, threshold)
+    if min_area:
+        share = masks.flatten(1).float().mean(dim=1)  # (B,)
+        masks = masks & (share >= min_area)[:, None, None]
+    return masks
+
+
+def describe_decision(threshold: Optional[float], min_area: float) -> str:
+    """The no-target decision in words, e.g. 'mask = p(foreground) > 0.70; no target below 0.5% of the image'."""
+    what = "mask = argmax (p(foreground) > 0.5)" if threshold is None else f"mask = p(foreground) > {threshold:g}"
+    return what + (f"; no target below {100 * min_area:g}% of the image" if min_area else "")
+
+
 @torch.no_grad()
 def run_evaluation(model, loader, device, *, fast: bool = True, progress: bool = True, desc: str = "evaluate",
                    gallery: Optional[GalleryCollector] = None, group_of: Optional[Mapping[int, str]] = None,
-                   sweep: Optional[Sequence[float]] = None):
+                   sweep: Optional[Sequence[float]] = None, threshold: Optional[float] = None,
+                   min_area: float = 0.0):
     """-> (results {"dmmi": ..., "gres": ...}, SkipReport). ``model``: an unwrapped DMMI.
     ``group_of`` (dataset index -> group name) adds ``results["groups"]``, both protocols per group.
     ``sweep`` (thresholds in (0, 1)) adds ``results["sweep"]``: [{"threshold", "dmmi", "gres"}, ...],
-    the masks "foreground probability > threshold" from the same forward passes."""
+    the masks "foreground probability > threshold" from the same forward passes. ``threshold`` /
+    ``min_area``: the no-target decision of the main figures (:func:`decide_masks`; the sweep
+    applies ``min_area`` at each of its thresholds)."""
     was_training = model.training
     model.eval()
     evaluator = CombinedEvaluator()
@@ -139,10 +160,10 @@ def run_evaluation(model, loader, device, *, fast: bool = True, progress: bool =
         images = batch["image"].to(device, non_blocking=True)
         with autocast(device, fast):
             out = model(images, batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        pred = out.masks().cpu()
+        pred = (out.masks() if threshold is None and not min_area else decide_masks(out.logits, threshold, min_area)).cpu()
         evaluator.process(pred, batch["mask"], list(batch["type"]), sample_ids=batch["index"])
         for t, ev in swept:
-            ev.process(threshold_masks(out.logits, t).cpu(), batch["mask"], list(batch["type"]),
+            ev.process(decide_masks(out.logits, t, min_area).cpu(), batch["mask"], list(batch["type"]),
                        sample_ids=batch["index"])
         if gallery is not None:
             gallery.offer(batch, pred)
@@ -159,10 +180,11 @@ def run_evaluation(model, loader, device, *, fast: bool = True, progress: bool =
 
 
 def evaluate_checkpoint(checkpoint, *, data_root=None, split=None, overrides=(), device="auto", fast=True,
-                        gallery_dir=None, progress=True, by_wording=False, sweep=None):
+                        gallery_dir=None, progress=True, by_wording=False, sweep=None, threshold=None,
+                        min_area=0.0):
     """Load a model file, evaluate it on a split. -> (results, SkipReport, info dict).
     ``by_wording``: also both protocols per wording category (:mod:`dmmi.data.wording`) in
-    ``results["groups"]``."""
+    ``results["groups"]``. ``threshold`` / ``min_area``: the no-target decision (:func:`decide_masks`)."""
     from dmmi.config import Config, apply_overrides
     from dmmi.data.datasets import build_dataset
     from dmmi.data.tokenize import load_tokenizer
@@ -195,13 +217,15 @@ def evaluate_checkpoint(checkpoint, *, data_root=None, split=None, overrides=(),
             group_of = {i: wording_category(dataset.sentence_at(i)) for i in range(len(dataset))}
         model = prepare_model(model, info.device, fast=fast)
         results, skips = run_evaluation(model, loader, info.device, fast=fast, progress=progress and info.is_main,
-                                        gallery=collector, group_of=group_of, sweep=sweep)
+                                        gallery=collector, group_of=group_of, sweep=sweep, threshold=threshold,
+                                        min_area=min_area)
         if by_wording:  # in the categories' order
             results["groups"] = {k: results["groups"][k] for k in CATEGORIES if k in results["groups"]}
         if info.distributed:
             skips.count = int(all_reduce_sum(torch.tensor([skips.count], device=info.device)).item())
         meta = {"preset": cfg.preset, "dataset": cfg.data.dataset, "split": split, "samples": len(dataset),
-                "checkpoint": str(checkpoint), "is_main": info.is_main, "world_size": info.world_size}
+                "checkpoint": str(checkpoint), "is_main": info.is_main, "world_size": info.world_size,
+                "threshold": threshold, "min_area": min_area}
         if collector is not None and info.is_main:
             try:
                 collector.write(gallery_dir)

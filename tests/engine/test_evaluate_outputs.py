@@ -102,3 +102,51 @@ def test_threshold_masks():
     assert threshold_masks(logits, 0.5).tolist() == [[[False, False, True]]]
     assert threshold_masks(logits, 0.2).tolist() == [[[True, True, True]]]
     assert threshold_masks(logits, 0.8).tolist() == [[[False, False, False]]]
+
+
+def test_decide_masks_applies_the_threshold_and_the_minimum_area():
+    import torch
+
+    from dmmi.engine.evaluate import decide_masks
+
+    logits = torch.zeros(2, 2, 4, 4)
+    logits[0, 1, :1, :1] = 3.0  # image 0: one pixel of 16 referred (6%)
+    logits[1, 1, :, :2] = 3.0  # image 1: half the image referred
+    assert torch.equal(decide_masks(logits), logits.argmax(dim=1).bool())  # None: the argmax
+    assert decide_masks(logits).flatten(1).sum(1).tolist() == [1, 8]
+    assert decide_masks(logits, None, 0.1).flatten(1).sum(1).tolist() == [0, 8]  # the small one: no target
+    assert decide_masks(logits, 0.99, 0.1).flatten(1).sum(1).tolist() == [0, 0]  # p = 0.95 < 0.99
+
+
+def test_evaluate_threshold_and_min_area_decide_no_target(model_and_data, tmp_path, capsys):
+    # the train split: the 12-image set's test split holds two zero-target expressions only
+    assert _evaluate(model_and_data, "--split", "train", "--json", str(tmp_path / "plain.json")) == 0
+    plain = json.loads((tmp_path / "plain.json").read_text())
+    assert plain["threshold"] is None and plain["min_area"] == 0.0
+    assert "(mask = argmax" in capsys.readouterr().out
+    png = tmp_path / "sweep.png"
+    assert _evaluate(model_and_data, "--split", "train", "--min-area", "0.999", "--json", str(tmp_path / "none.json"),
+                     "--sweep-threshold", str(png)) == 0
+    out = capsys.readouterr().out
+    assert "no target below 99.9% of the image" in out
+    nothing = json.loads((tmp_path / "none.json").read_text())
+    assert nothing["min_area"] == 0.999 and nothing["samples"] == plain["samples"]
+    assert nothing["results"]["dmmi"]["Acc"] == 100.0  # every zero-target expression answered empty
+    assert nothing["results"]["dmmi"]["oIoU"] == 0.0  # and every target missed
+    assert plain["results"]["dmmi"]["oIoU"] > 0.0 and plain["results"]["dmmi"]["Acc"] < 100.0
+    sweep = json.loads(png.with_suffix(".json").read_text())
+    at_half = next(r for r in sweep["sweep"] if r["threshold"] == 0.5)
+    assert sweep["min_area"] == 0.999 and at_half["dmmi"] == nothing["results"]["dmmi"]  # applied in the sweep too
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--threshold", "1.5", "--threshold must be a foreground probability in [0, 1]"),
+    ("--min-area", "-1", "--min-area must be a share of the image in [0, 1), got -1.0"),
+])
+def test_evaluate_refuses_a_bad_decision_before_loading(tmp_path, capsys, option, value, message):
+    missing = tmp_path / "no-such-model.pt"  # not even looked at: the option is refused first
+    assert cli(["evaluate", "--checkpoint", str(missing), "--split", "test", option, value,
+                "--json", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err and "no-such-model" not in err
+    assert not (tmp_path / "r.json").exists()
