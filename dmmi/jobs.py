@@ -85,22 +85,33 @@ def read_jobs(jobs_path: Path) -> Iterator[tuple[int, str]]:
         raise DmmiError(f"{jobs_path}: not UTF-8 text (a JSON-lines jobs file is)") from None
 
 
+RECORD_START = b'{"line": '  # how every results line begins (json.dumps of _record)
+
+
 def done_lines(results_path: Path) -> dict[int, tuple[str, list[str]]]:
     """The jobs lines already in the results file -> (image, expressions) each was run with. A last
-    line cut short (a killed run) is removed."""
+    line cut short (a killed run) is removed, once every whole line has been read as a dmmi result:
+    a file that is not a results file is refused untouched."""
     if not results_path.is_file():
         return {}
     data = results_path.read_bytes()
-    if data and not data.endswith(b"\n"):  # the write of the last result was cut: drop it, redo that job
-        data = data[: data.rfind(b"\n") + 1]
-        results_path.write_bytes(data)
+    whole, cut = data[: data.rfind(b"\n") + 1], data[data.rfind(b"\n") + 1:]
+    refuse = f"{results_path}: not a dmmi results file (JSON lines written by --jobs); give another --out"
+    try:
+        lines = whole.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise DmmiError(refuse) from None
     done = {}
-    for n, text in enumerate(data.decode("utf-8", "replace").splitlines(), start=1):
+    for n, text in enumerate(lines, start=1):
         try:
             record = json.loads(text)
             done[int(record["line"])] = (str(record["image"]), [str(r["expression"]) for r in record["results"]])
         except (ValueError, KeyError, TypeError):
             raise DmmiError(f"{results_path}:{n}: not a dmmi results line; give another --out") from None
+    if cut:  # the write of the last result was cut: drop it, redo that job
+        if not (cut.startswith(RECORD_START) or RECORD_START.startswith(cut)):  # not the start of a result
+            raise DmmiError(refuse)
+        results_path.write_bytes(whole)
     return done
 
 

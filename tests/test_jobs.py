@@ -123,6 +123,21 @@ def test_results_of_another_jobs_file_are_refused_not_taken_as_done(setup, tmp_p
     assert "expressions" in capsys.readouterr().err and out.read_bytes() == before
 
 
+def test_a_file_that_is_not_a_results_file_is_refused_untouched(setup, tmp_path, capsys):
+    _, _, root, ckpt = setup
+    jobs = root / "one.jsonl"
+    _write_jobs(jobs, [{"image": "a.png", "expressions": ["the red circle"]}])
+    for name, content in (("results.json", b'{"results": {"dmmi": {"oIoU": 71.2}}}'),  # evaluate --json's kind
+                          ("photo.jpg", b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\n\x01\x02"),  # binary, a newline
+                          ("notes.txt", b"line one\nline two")):
+        out = tmp_path / name
+        out.write_bytes(content)
+        assert cli(["predict", "--jobs", str(jobs), "--out", str(out), "--checkpoint", str(ckpt), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert str(out) in err and "give another --out" in err and "\n" not in err
+        assert out.read_bytes() == content  # nothing lost
+
+
 def test_results_file_in_a_folder_not_made_yet(setup, tmp_path):
     _, _, root, ckpt = setup
     jobs = root / "one.jsonl"
