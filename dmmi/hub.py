@@ -95,7 +95,9 @@ def resolve(name_or_path: str | Path, *, revision: Optional[str] = None, cache_d
         local = snapshot_download(repo_id=str(name_or_path), revision=revision, cache_dir=cache_dir,
                                   allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME])
     except (LocalEntryNotFoundError, OfflineModeIsEnabled):
-        raise DmmiError(f"model {name_or_path}: not in the local Hugging Face cache and the Hub is offline "
+        # said both ways: runs/dem0 may be a mistyped folder as well as a repo id
+        raise DmmiError(f"model {name_or_path}: no such folder here, and as a Hub repo id (owner/name) it is "
+                        "not in the local Hugging Face cache and the Hub is offline "
                         "(HF_HUB_OFFLINE=1, which the dmmi command sets, or no network): with network, run once with "
                         "HF_HUB_OFFLINE=0 to download it, or pass a local model directory") from None
     except (HfHubHTTPError, OSError) as e:

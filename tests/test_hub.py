@@ -65,8 +65,10 @@ def test_a_repo_id_loads_from_the_local_hub_cache_offline(tiny, tmp_path):
     assert hub.resolve("someone/dmmi-tiny", cache_dir=str(tmp_path)) == snapshot
     with pytest.raises(DmmiError) as e:
         hub.resolve("someone/not-downloaded", cache_dir=str(tmp_path))
-    assert str(e.value).startswith("model someone/not-downloaded: not in the local Hugging Face cache and the Hub "
-                                   "is offline")
+    assert str(e.value).startswith("model someone/not-downloaded: no such folder here, and as a Hub repo id "
+                                   "(owner/name) it is not in the local Hugging Face cache and the Hub is offline")
+    with pytest.raises(DmmiError, match="model runs/dem0: no such folder here"):  # a mistyped local path
+        hub.resolve("runs/dem0", cache_dir=str(tmp_path))
 
 
 def test_bad_model_directories_are_one_line(tiny, tmp_path):
