@@ -1,6 +1,6 @@
 """``dmmi serve``: segment your own images from a web page (Gradio), or through a small JSON API.
 
-    dmmi serve --checkpoint runs/demo/best.pt          # then open http://127.0.0.1:7860
+    dmmi serve --model runs/demo/model          # then open http://127.0.0.1:7860
 
 One FastAPI application served by uvicorn: the Gradio page (:mod:`dmmi.serve_ui`) is mounted
 at ``/`` and the JSON routes below sit beside it. The model is loaded once; every model run,
@@ -500,7 +500,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 EPILOG = """\
 examples:
-  dmmi serve --checkpoint runs/demo/best.pt             # open http://127.0.0.1:7860
+  dmmi serve --model runs/demo/model                    # open http://127.0.0.1:7860
   dmmi serve --model my-dmmi/ --port 8080 --device cpu  # a model directory (or a Hub repo id)
   dmmi serve --model my-dmmi/ --host 0.0.0.0            # reachable from other machines
   curl -F image=@photo.jpg -F text="the red circle" -F text="all the people" \\

@@ -675,7 +675,7 @@ def test_cli_serve_help_has_every_option_explained_and_examples():
         assert action.help, action.option_strings
     assert serve.epilog.startswith("examples:") and "curl -F image=@" in serve.epilog
     text = serve.format_help()
-    assert "examples:\n  dmmi serve --checkpoint" in text  # the epilog kept as written
+    assert "examples:\n  dmmi serve --model" in text  # the epilog kept as written
 
 
 def test_the_cli_does_not_import_gradio_or_fastapi():

@@ -113,7 +113,8 @@ def register(subparsers) -> None:
     p.add_argument("image", nargs="?", help="an image file or a folder of images")
     p.add_argument("expressions", nargs="*", help="one or more English expressions")
     p.add_argument("--jobs", default=None, metavar="JOBS.jsonl",
-                   help="batch mode: one {\"image\", \"expressions\"} per line; results (COCO RLE masks, scores) "
+                   help="batch mode: one {\"image\", \"expressions\"} per line (a relative image: from the jobs file's "
+                        "folder); results (COCO RLE masks, scores) "
                         "go to --out RESULTS.jsonl; a re-run skips the lines already done")
     p.add_argument("--batch-jobs", type=int, default=8, metavar="N",
                    help="with --jobs: jobs read and run together, their (image, expression) pairs batched (default 8)")
@@ -122,7 +123,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar with --jobs")
     p.add_argument("--checkpoint", "--model", dest="checkpoint", required=True, metavar="MODEL",
                    help="a model: best.pt / a .safetensors file, a model directory or a Hub repo id (owner/name)")
-    p.add_argument("--out", default=None, metavar="DIR",
+    p.add_argument("--out", default=None, metavar="PATH",
                    help="output folder: <image file name>__<NN>_<expression>_mask.png / _overlay.png (default "
                         "predictions/); with --jobs: the results file")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
@@ -136,7 +137,7 @@ def register(subparsers) -> None:
                 DEMO_EXAMPLES)
     p.add_argument("--steps", type=int, default=None, metavar="N",
                    help="optimiser steps to train (default: the preset's train.max_steps; "
-                        "the same result on any machine, only the time differs)")
+                        "a fixed amount of work: with the same numerics the same result on any machine, only the time differs)")
     p.add_argument("--checkpoint", default=None, metavar="MODEL",
                    help="evaluate this model instead of training one")
     p.add_argument("--out", default="runs/demo", metavar="DIR",
@@ -144,7 +145,7 @@ def register(subparsers) -> None:
     p.add_argument("--data", default=None, metavar="DIR", help="synthetic dataset folder (generated if missing)")
     p.add_argument("--config", default="demo_lite", metavar="PRESET", help="preset to train (default demo_lite)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field of the training run, e.g. --set train.epochs=2 (repeatable)")
+                   help="override a config field of the training run, e.g. --set train.lr=1e-3 (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 

