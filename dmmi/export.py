@@ -86,7 +86,7 @@ def check_out_creates_nothing(out: str | Path) -> Path:
     """Refuse an ``--out`` that is a folder (or whose sidecar is), lies under a file, or in a folder that
     cannot be written; creates nothing (a bad model, read next, leaves no folder behind)."""
     out = Path(out)
-    for path, what in ((out, "--out"), (sidecar_path(out), "--out's sidecar")):
+    for path, what in ((out, "--out"), (sidecar_path(out), "--out's sidecar"), (tokenizer_path(out), "--out's tokenizer")):
         if path.is_dir():
             raise DmmiError(f"{what} {path}: is a folder; give a file name such as {path / 'model.onnx'}")
     check_writable_folder(out.parent, "--out", named=out)
@@ -174,6 +174,12 @@ def export_onnx(model: nn.Module, cfg, out: str | Path, *, source: str | None = 
         program.save(str(out), external_data=True)
     else:
         atomic_write(out, lambda tmp: program.save(str(tmp), external_data=False))
+    from dmmi.data.tokenize import load_tokenizer
+
+    single = load_tokenizer(cfg.model.text_encoder).backend_tokenizer  # one file, for runtimes without dmmi
+    single.no_padding()  # encode() -> [CLS] pieces [SEP]; the recipe cuts and pads to max_tokens itself
+    single.no_truncation()
+    atomic_write(tokenizer_path(out), lambda tmp: single.save(str(tmp)))
     info = sidecar(cfg, out, source=source, external_data=external)
     info["export_seconds"] = round(seconds, 1)
     text = json.dumps(info, indent=1) + "\n"
@@ -181,10 +187,16 @@ def export_onnx(model: nn.Module, cfg, out: str | Path, *, source: str | None = 
     return info
 
 
+def tokenizer_path(out: Path) -> Path:
+    """``m.onnx`` -> ``m.onnx.tokenizer.json`` (the Hugging Face tokenizers file of the model's tokenizer)."""
+    return Path(out).with_name(Path(out).name + ".tokenizer.json")
+
+
 def sidecar(cfg, out: Path, *, source: str | None = None, external_data: bool = False) -> dict:
     """What a runtime needs besides the graph: shapes, pre-processing, tokenizer, logits -> mask."""
     from dmmi.data.tokenize import PAD_ID
     from dmmi.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from dmmi.hub import source_name
 
     S, L = int(cfg.model.image_size), int(cfg.model.max_tokens)
     return {
@@ -213,7 +225,8 @@ def sidecar(cfg, out: Path, *, source: str | None = None, external_data: bool = 
             "std": list(IMAGENET_STD),
             "layout": "NCHW: (pixel / 255 - mean) / std per channel",
         },
-        "tokenizer": cfg.model.text_encoder,
+        "tokenizer": source_name(cfg.model.text_encoder),  # what it was trained with
+        "tokenizer_file": tokenizer_path(out).name,  # the same, for tokenizers.Tokenizer.from_file
         "tokenize": (f"lower-cased sentence -> [CLS] word-pieces [SEP], cut to {L} tokens (no [SEP] put back), "
                      f"padded with id {PAD_ID}; attention_mask 1 on tokens, 0 on padding; at least one token "
                      "per row (dmmi.data.tokenize.encode)"),

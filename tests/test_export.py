@@ -85,6 +85,12 @@ def test_onnxruntime_reproduces_torch_logits_at_batch_1_and_3(preset, tmp_path, 
     assert side["image_size"] == S and side["max_tokens"] == L
     assert side["tokenizer"] == cfg.model.text_encoder
     load_tokenizer(side["tokenizer"])  # names something the tokenizer loader takes
+    from tokenizers import Tokenizer
+
+    single = Tokenizer.from_file(str(out.parent / side["tokenizer_file"]))  # the same tokens as dmmi's
+    for text in TEXTS:
+        enc = encode(load_tokenizer(cfg.model.text_encoder), text, L)
+        assert single.encode(text).ids[:L] == enc.input_ids[:enc.length]
     pre = side["preprocess"]
     assert pre["mean"] == list(IMAGENET_MEAN) and pre["std"] == list(IMAGENET_STD) and pre["scale"] == 1 / 255
     assert side["inputs"]["image"] == {"shape": ["batch", 3, S, S], "dtype": "float32"}
@@ -207,3 +213,31 @@ def test_missing_onnx_packages_are_named(tiny_file, tmp_path, capsys, monkeypatc
     monkeypatch.setattr(export_mod.importlib.util, "find_spec", lambda n, *a: None if n == "onnxscript" else real(n, *a))
     assert cli(["export", str(tiny_file), "--out", str(tmp_path / "m.onnx")]) == 2
     _one_line_error(capsys, "onnxscript", ".[onnx]")
+
+
+def test_the_readme_onnx_recipe_runs_without_dmmi(tmp_path, monkeypatch):
+    """The README's onnxruntime + tokenizers snippet, run as written, gives torch's logits for the
+    image as dmmi's Predictor prepares it."""
+    import re
+    from pathlib import Path
+
+    from PIL import Image
+
+    from dmmi.inference import Predictor
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    recipe = re.search(r"```python\n(import json\nimport numpy as np, onnxruntime as ort.*?)```", readme, re.S).group(1)
+    model, cfg = _build("dmmi_tiny")
+    export_mod.export_onnx(model, cfg, tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(tmp_path / "photo.jpg", quality=95)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(recipe, "README.md", "exec"), scope)
+    predictor = Predictor(model, cfg, device="cpu")
+    prepared = predictor.prepare(tmp_path / "photo.jpg", ["the red circle"])
+    with torch.no_grad():
+        ref = model(prepared.image[None], torch.tensor([prepared.encoded[0].input_ids]),
+                    torch.tensor([prepared.encoded[0].attention_mask])).logits.numpy()
+    np.testing.assert_allclose(scope["logits"], ref, rtol=0, atol=1e-3)
+    assert scope["mask"].shape == (cfg.model.image_size, cfg.model.image_size)

@@ -197,7 +197,7 @@ def test_training_writes_a_model_directory(synth, tmp_path):
     result = train(load_config("dmmi_tiny", _cfg(synth, tmp_path / "m", "train.max_steps=2", "train.batch_size=2",
                                                  "data.dataset=synthetic")), progress=False, log=lambda *a: None)
     model_dir = result.output_dir / "model"
-    assert {p.name for p in model_dir.iterdir()} == {"config.json", "model.safetensors", "README.md"}
+    assert {p.name for p in model_dir.iterdir()} == {"config.json", "model.safetensors", "README.md", "text_encoder"}
     model, cfg = from_pretrained(model_dir)
     best = torch.load(result.best_path, weights_only=True)["model"]
     assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items())  # the selected model, exactly
