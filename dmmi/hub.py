@@ -58,13 +58,17 @@ def looks_like_repo_id(name: str) -> bool:
     return bool(_REPO_ID.match(str(name))) and not Path(name).exists()
 
 
-def save_pretrained(model: torch.nn.Module, cfg, directory: str | Path, *, extra: Optional[dict] = None) -> Path:
+def save_pretrained(model: torch.nn.Module, cfg, directory: str | Path, *, extra: Optional[dict] = None,
+                    name: Optional[str] = None) -> Path:
     """Write ``model`` (weights) and ``cfg`` (a Config) as a model directory, each file atomically.
-    ``extra``: plain data for config.json and the card (``{"val": results, "step": N}``)."""
-    return save_state_pretrained({k: v.detach() for k, v in model.state_dict().items()}, cfg, directory, extra=extra)
+    ``extra``: plain data for config.json and the card (``{"val": results, "step": N, "test": {"split",
+    "dmmi"}}``); ``name``: what the card's example loads (default: the directory)."""
+    return save_state_pretrained({k: v.detach() for k, v in model.state_dict().items()}, cfg, directory, extra=extra,
+                                 name=name)
 
 
-def save_state_pretrained(state: dict, cfg, directory: str | Path, *, extra: Optional[dict] = None) -> Path:
+def save_state_pretrained(state: dict, cfg, directory: str | Path, *, extra: Optional[dict] = None,
+                          name: Optional[str] = None) -> Path:
     """:func:`save_pretrained` from a state dict (e.g. a checkpoint's ``model`` entry)."""
     from dmmi import __version__
 
@@ -81,7 +85,7 @@ def save_state_pretrained(state: dict, cfg, directory: str | Path, *, extra: Opt
     save_weights_safetensors(directory / WEIGHTS_NAME, state, {"format": FORMAT, "preset": str(cfg.preset)})
     config_text = json.dumps(meta, indent=1)
     atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(config_text))
-    card = model_card(cfg, extra)
+    card = model_card(cfg, extra, name=name or str(directory))
     atomic_write(directory / CARD_NAME, lambda tmp: tmp.write_text(card))
     return directory
 
@@ -186,14 +190,15 @@ def push_to_hub(model: torch.nn.Module, cfg, repo_id: str, *, private: bool = Fa
 
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as tmp:
-        save_pretrained(model, cfg, tmp, extra=extra)
+        save_pretrained(model, cfg, tmp, extra=extra, name=repo_id)
         url = api.create_repo(repo_id, private=private, exist_ok=True)
         api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
     return str(url)
 
 
-def model_card(cfg, extra: dict) -> str:
-    """The README.md of a model directory (Hub model-card front matter + text)."""
+def model_card(cfg, extra: dict, name: str = "my-dmmi-model") -> str:
+    """The README.md of a model directory (Hub model-card front matter + text); ``name``: the directory
+    or repo id its example loads."""
     d = cfg.data
     converted = "converted_from" in extra and not extra.get("step")  # an authors' checkpoint, not a dmmi run
     trained_on = extra.get("trained_on") or (None if converted else d.dataset)
@@ -205,7 +210,7 @@ def model_card(cfg, extra: dict) -> str:
              "of every object the expression refers to (none, one or many): the DMMI network of Hu et al., "
              "ICCV 2023, as reimplemented by the `dmmi` package.", "",
              "## Use", "", "```python", "from dmmi.inference import Predictor", "",
-             'predictor = Predictor.from_pretrained("THIS_DIR_OR_REPO")',
+             f'predictor = Predictor.from_pretrained({json.dumps(str(name))})',
              'result = predictor.predict("photo.jpg", "the two dogs on the left")',
              "result.mask, result.no_target", "```", "",
              "## Model", "",
@@ -227,15 +232,21 @@ def model_card(cfg, extra: dict) -> str:
                   "photographs, English). Expressions that refer to nothing get an empty mask when the model is "
                   "right; check its zero-target accuracy (Acc) on data like yours before relying on it.", ""]
     val = extra.get("val")
+
+    def fmt(v):
+        return "-" if v is None else f"{v:.2f}"
+
     if isinstance(val, dict) and isinstance(val.get("dmmi"), dict):
         m = val["dmmi"]
-
-        def fmt(v):
-            return "-" if v is None else f"{v:.2f}"
-
         lines += ["## Validation figures (selection split, DMMI protocol)", "", "| oIoU | mIoU | Acc (zero-target) |",
                   "|---|---|---|", f"| {fmt(m.get('oIoU'))} | {fmt(m.get('mIoU'))} | {fmt(m.get('Acc'))} |", ""]
-    elif converted:
+    test = extra.get("test")
+    if isinstance(test, dict) and isinstance(test.get("dmmi"), dict):
+        m = test["dmmi"]
+        lines += [f"## Test figures ({test.get('split', 'test')} split, DMMI protocol)", "",
+                  "| oIoU | mIoU | Acc (zero-target) |", "|---|---|---|",
+                  f"| {fmt(m.get('oIoU'))} | {fmt(m.get('mIoU'))} | {fmt(m.get('Acc'))} |", ""]
+    elif converted and not isinstance(val, dict):
         lines += ["## Figures", "", "Not re-evaluated by dmmi: the authors publish theirs in the paper and their "
                   "repository (oIoU, mIoU, Acc per dataset).", ""]
     lines += ["## Citation", "", "```bibtex", CITATION, "```", ""]

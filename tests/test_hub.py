@@ -46,6 +46,7 @@ def test_save_pretrained_writes_the_hub_layout_and_loads_back(tiny):
     card = (directory / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: dmmi") and "@inproceedings{hu2023beyond" in card
     assert "| 61.50 | 58.25 | 90.00 |" in card and "coloured shapes" in card  # figures; the synthetic set's limits
+    assert f'Predictor.from_pretrained("{directory}")' in card  # the example loads this directory
     loaded, loaded_cfg = hub.from_pretrained(directory)
     assert loaded_cfg.to_dict()["model"] == {**cfg.to_dict()["model"], "text_pretrained": False,
                                              "text_encoder": str(directory / "text_encoder")}  # its own copy
@@ -156,11 +157,14 @@ def test_push_to_hub_uploads_the_directory(tiny, monkeypatch):
             from pathlib import Path
 
             calls.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+            cards.append((Path(folder_path) / "README.md").read_text())
 
     import huggingface_hub
 
+    cards = []
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     url = hub.push_to_hub(model, cfg, "me/dmmi-tiny", private=True, token="t")
     assert url == "https://huggingface.co/me/dmmi-tiny"
     assert calls == [("init", "t"), ("create", "me/dmmi-tiny", True, True),
                      ("upload", "me/dmmi-tiny", ["README.md", "config.json", "model.safetensors", "text_encoder"])]
+    assert 'Predictor.from_pretrained("me/dmmi-tiny")' in cards[0]  # the card's example loads the repo

@@ -213,6 +213,13 @@ def test_demo_command_runs_end_to_end(synth, tmp_path, capsys):
     assert summary["test"]["dmmi"]["counts"]["total"] > 0 and summary["train_minutes"] is not None
     assert summary["train_steps"] == 3  # a step budget: exact
     assert list((out / "gallery").glob("*.png")) and (out / "curves.png").is_file()
+    card = (out / "model" / "README.md").read_text()  # the model's card carries its test figures
+    oiou = summary["test"]["dmmi"]["oIoU"]
+    assert "## Test figures (test split, DMMI protocol)" in card and ("-" if oiou is None else f"{oiou:.2f}") in card
+    assert f'Predictor.from_pretrained("{out / "model"}")' in card
+    from dmmi.hub import from_pretrained
+
+    assert from_pretrained(out / "model")[1].preset == "dmmi_tiny"  # still loads after the rewrite
     # reuse the trained model instead of training
     assert cli(["demo", "--checkpoint", str(out / "best.pt"), "--data", str(synth), "--out", str(tmp_path / "again"),
                 "--no-progress"]) == 0
