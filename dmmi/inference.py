@@ -37,6 +37,7 @@ from dmmi.data.images import DEFAULT_MAX_PIXELS, check_max_pixels, check_size, l
 from dmmi.data.transforms import image_to_tensor
 from dmmi.engine.distributed import resolve_device
 from dmmi.engine.compiled import GraphedForward
+from dmmi.engine.evaluate import decide_masks
 from dmmi.engine.fastpath import autocast
 from dmmi.errors import DmmiError
 from dmmi.models.io import load_model_file
@@ -86,6 +87,13 @@ def check_threshold(value, what: str = "threshold") -> Optional[float]:
     return float(value)
 
 
+def check_min_area(value, what: str = "min_area") -> float:
+    """A share of the image in [0, 1): a mask smaller than it counts as no target."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise DmmiError(f"{what} must be a share of the image in [0, 1), got {value!r}")
+    return float(value)
+
+
 @dataclass
 class Prepared:
     """One image and its expressions, ready for the model (:meth:`Predictor.prepare`)."""
@@ -103,8 +111,9 @@ class Predictor:
     decoding; ``expressions_per_call``: expressions per model forward. The no-target decision:
     ``threshold`` (None: the paper's argmax of the two class maps, the same as > 0.5) makes the
     mask the pixels whose foreground probability exceeds it; a mask smaller than ``min_area``
-    (a share of the image's pixels) counts as no target (an empty mask). ``cuda_graphs`` (opt-in, CUDA
-    only): each forward replays a CUDA graph captured once per batch size
+    (a share of the image's pixels, measured at the image's own size) counts as no target (an empty
+    mask); both by :func:`dmmi.engine.evaluate.decide_masks`, as ``dmmi evaluate`` decides.
+    ``cuda_graphs`` (opt-in, CUDA only): each forward replays a CUDA graph captured once per batch size
     (:class:`dmmi.engine.compiled.GraphedForward`, the same logits within bf16 rounding); elsewhere it
     changes nothing.
 
@@ -118,9 +127,7 @@ class Predictor:
                  threshold: Optional[float] = None, min_area: float = 0.0, cuda_graphs: bool = False):
         self.max_pixels = check_max_pixels(max_pixels)
         self.threshold = check_threshold(threshold)
-        if isinstance(min_area, bool) or not isinstance(min_area, (int, float)) or not 0.0 <= min_area < 1.0:
-            raise DmmiError(f"min_area must be a share of the image in [0, 1), got {min_area!r}")
-        self.min_area = float(min_area)
+        self.min_area = check_min_area(min_area)
         if isinstance(expressions_per_call, bool) or not isinstance(expressions_per_call, int) \
                 or expressions_per_call < 1:
             raise DmmiError(f"expressions_per_call must be a whole number >= 1, got {expressions_per_call!r}")
@@ -216,20 +223,11 @@ class Predictor:
     def _prediction(self, text: str, logits: torch.Tensor, probability: torch.Tensor, score: float,
                     size_hw: tuple[int, int]) -> Prediction:
         """logits (2, S, S), probability (S, S) -> the Prediction at size_hw (the no-target decision applied)."""
-        up = F.interpolate(logits[None].float(), size=size_hw, mode="bilinear", align_corners=False)[0]  # (2, H, W)
-        background, referred = up[0], up[1]
-        if self.threshold is None:
-            # == up.argmax(0) == 1, NaN counted as the maximum as argmax does, without an int64 (H, W)
-            m = (referred > background) | (referred.isnan() & ~background.isnan())
-        else:  # p = sigmoid(referred - background) > t, compared as logits
-            t = min(max(self.threshold, 1e-12), 1 - 1e-12)
-            m = (referred - background) > float(np.log(t / (1 - t)))
-        del up, background, referred
+        up = F.interpolate(logits[None].float(), size=size_hw, mode="bilinear", align_corners=False)  # (1, 2, H, W)
+        m = decide_masks(up, self.threshold, self.min_area)[0]  # the same decision as dmmi evaluate's, at (H, W)
+        del up
         m = m.cpu().numpy()  # (H, W) bool
         share = np.count_nonzero(m) / m.size
-        if self.min_area and share < self.min_area:  # too small to count: no target
-            m[:] = False
-            share = 0.0
         return Prediction(text=text, mask=m, foreground=share, score=float(score),
                           probability=probability.cpu().numpy())
 

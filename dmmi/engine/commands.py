@@ -339,11 +339,10 @@ def decision_options(p) -> None:
 
 def check_decision(args) -> None:
     """One-line DmmiError for a bad --threshold / --min-area, before anything loads."""
-    from dmmi.inference import check_threshold
+    from dmmi.inference import check_min_area, check_threshold  # Predictor's own checks, named by the option
 
     check_threshold(args.threshold, "--threshold")
-    if not 0.0 <= args.min_area < 1.0:
-        raise DmmiError(f"--min-area must be a share of the image in [0, 1), got {args.min_area}")
+    check_min_area(args.min_area, "--min-area")
 
 
 def _check_predict_numbers(args) -> int:

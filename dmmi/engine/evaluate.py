@@ -107,22 +107,32 @@ SWEEP_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 ... 0
 
 def threshold_masks(logits: torch.Tensor, threshold: Optional[float]) -> torch.Tensor:
     """(B, 2, H, W) class scores -> (B, H, W) bool masks: foreground probability > ``threshold``
-    (None: the paper's argmax, which is the same as > 0.5)."""
-    if threshold is None:
-        return logits.argmax(dim=1).bool()
-    probability = torch.softmax(logits.float(), dim=1)[:, 1]  # (B, H, W)
-    return probability > threshold
+    (None: the paper's argmax, which is the same as > 0.5).
+
+    The comparison is made on the logits (p = sigmoid(referred - background) > t as
+    referred - background > log(t / (1 - t)), t kept in [1e-12, 1 - 1e-12]), as
+    :class:`dmmi.inference.Predictor` always has; the argmax counts NaN as the maximum, as
+    ``argmax`` does, without an int64 (B, H, W)."""
+    x = logits.float()
+    background, referred = x[:, 0], x[:, 1]
+    if threshold is None:  # == x.argmax(1) == 1
+        return (referred > background) | (referred.isnan() & ~background.isnan())
+    t = min(max(float(threshold), 1e-12), 1 - 1e-12)
+    return (referred - background) > float(np.log(t / (1 - t)))
 
 
 def decide_masks(logits: torch.Tensor, threshold: Optional[float] = None, min_area: float = 0.0) -> torch.Tensor:
-    """(B, 2, H, W) class scores -> (B, H, W) bool masks with the no-target decision of
-    :class:`dmmi.inference.Predictor`: :func:`threshold_masks`, then a mask covering less than
-    ``min_area`` of the image emptied. (Predictor measures the share at the image's own size,
-    evaluation at the evaluation resolution.)"""
+    """(B, 2, H, W) class scores -> (B, H, W) bool masks: the no-target decision, the one function that
+    :class:`dmmi.inference.Predictor` and :func:`run_evaluation` both use. :func:`threshold_masks`, then a
+    mask covering less than ``min_area`` of its image (the exact share, in float64) emptied.
+    Predictor passes the logits upsampled to the image's own size, evaluation those at the evaluation
+    resolution: the share is measured there."""
     masks = threshold_masks(logits, threshold)
     if min_area:
-        share = masks.flatten(1).float().mean(dim=1)  # (B,)
-        masks = masks & (share >= min_area)[:, None, None]
+        n = masks[0].numel() if len(masks) else 1
+        share = masks.flatten(1).sum(dim=1).cpu().double() / n  # (B,) == count_nonzero / size
+        keep = (share >= min_area).to(masks.device)
+        masks = masks & keep[:, None, None]
     return masks
 
 
@@ -160,7 +170,7 @@ def run_evaluation(model, loader, device, *, fast: bool = True, progress: bool =
         images = batch["image"].to(device, non_blocking=True)
         with autocast(device, fast):
             out = model(images, batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        pred = (out.masks() if threshold is None and not min_area else decide_masks(out.logits, threshold, min_area)).cpu()
+        pred = decide_masks(out.logits, threshold, min_area).cpu()  # the argmax by default, as out.masks()
         evaluator.process(pred, batch["mask"], list(batch["type"]), sample_ids=batch["index"])
         for t, ev in swept:
             ev.process(decide_masks(out.logits, t, min_area).cpu(), batch["mask"], list(batch["type"]),
