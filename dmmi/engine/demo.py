@@ -74,7 +74,7 @@ def speed_note(steps: int, minutes: float, preset: str) -> str:
     ratio = minutes / expected
     if ratio >= SLOWER:
         return (f"{line}: this machine took {ratio:.1f}x the {expected:.1f} min of {REFERENCE_MACHINE} "
-                "(the result does not depend on the machine, only the time does)")
+                "(on a CPU of the same kind the result is the same, only the time differs)")
     return f"{line} (about {expected:.1f} min expected)"
 
 
