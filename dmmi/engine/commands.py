@@ -199,7 +199,7 @@ def cmd_evaluate(args) -> int:
             raise DmmiError(f"--sweep-threshold {args.sweep_threshold}: give a .png path (its table goes beside it "
                             "as .json)")
         check_writable_folder(Path(args.sweep_threshold).parent, option="--sweep-threshold")
-    from dmmi.engine.evaluate import SWEEP_THRESHOLDS, describe_decision, format_sweep, plot_sweep
+    from dmmi.engine.evaluate import SWEEP_THRESHOLDS, describe_decision, describe_min_area, format_sweep, plot_sweep
 
     results, skipped, info = evaluate_checkpoint(
         args.checkpoint, data_root=args.data, split=args.split, overrides=args.overrides, device=args.device,
@@ -217,8 +217,7 @@ def cmd_evaluate(args) -> int:
         print(skipped.summary())
     if "sweep" in results:
         print()
-        print("threshold sweep (mask = p(foreground) > threshold; the argmax is 0.50"
-              + (f"; no target below {100 * args.min_area:g}% of the image" if args.min_area else "") + "):")
+        print(f"threshold sweep (mask = p(foreground) > threshold; the argmax is 0.50{describe_min_area(args.min_area)}):")
         print(format_sweep(results["sweep"]))
     gallery_error = info.pop("gallery_error", None)
     if args.json:

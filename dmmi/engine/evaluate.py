@@ -136,10 +136,15 @@ def decide_masks(logits: torch.Tensor, threshold: Optional[float] = None, min_ar
     return masks
 
 
+def describe_min_area(min_area: float) -> str:
+    """'; no target below 0.5% of the image', or '' without a minimum area."""
+    return f"; no target below {100 * min_area:g}% of the image" if min_area else ""
+
+
 def describe_decision(threshold: Optional[float], min_area: float) -> str:
     """The no-target decision in words, e.g. 'mask = p(foreground) > 0.70; no target below 0.5% of the image'."""
     what = "mask = argmax (p(foreground) > 0.5)" if threshold is None else f"mask = p(foreground) > {threshold:g}"
-    return what + (f"; no target below {100 * min_area:g}% of the image" if min_area else "")
+    return what + describe_min_area(min_area)
 
 
 @torch.no_grad()
