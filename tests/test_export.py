@@ -177,6 +177,11 @@ def test_unwritable_out_is_one_line_before_exporting(tiny_file, tmp_path, capsys
     assert cli(["export", str(tiny_file), "--out", str(tmp_path / "m.onnx")]) == 2
     _one_line_error(capsys, "sidecar", str(sidecar_dir))
     assert not (tmp_path / "m.onnx").exists()
+    tokenizer_dir = tmp_path / "t.onnx.tokenizer.json"  # the tokenizer file's name taken by a folder
+    tokenizer_dir.mkdir()
+    assert cli(["export", str(tiny_file), "--out", str(tmp_path / "t.onnx")]) == 2
+    _one_line_error(capsys, "tokenizer", str(tokenizer_dir))
+    assert not (tmp_path / "t.onnx").exists() and not (tmp_path / "t.onnx.json").exists()
 
 
 def test_unreadable_model_is_one_line(tmp_path, capsys, no_export):
