@@ -698,6 +698,21 @@ def test_app_py_without_a_model_says_so_in_one_line(tmp_path):
     assert out.returncode == 2 and "no model at 'model'" in out.stderr
 
 
+def test_space_template_names_app_py_and_the_tested_gradio():
+    """space/README.md's front matter is what a Space reads: the SDK, its version, the entry point."""
+    import yaml
+
+    text = (ROOT / "space" / "README.md").read_text(encoding="utf-8")
+    assert text.startswith("---\n")
+    front = yaml.safe_load(text.split("---\n")[1])
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    assert front["sdk"] == "gradio" and front["sdk_version"] == pins["gradio"]  # the version the tests ran
+    assert (ROOT / front["app_file"]).is_file() and front["license"] == "mit"
+    requirements = (ROOT / "space" / "requirements.txt").read_text().splitlines()
+    assert [line for line in requirements if line.startswith("dmmi @ git+")]  # dmmi is not on PyPI
+
+
 def test_app_py_builds_the_same_server(tiny, monkeypatch):
     import importlib.util
 
