@@ -130,10 +130,11 @@ def test_ctrl_c_inside_train_stops_at_the_next_step(synth, tmp_path, monkeypatch
         return original(self, group, ok)
 
     monkeypatch.setattr(train_module.Trainer, "step", step)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}  # SIG_IGN under nohup / &
     result = _run(synth, tmp_path / "run", "train.epochs=50")
     assert result.interrupted == "SIGINT" and result.steps == 2 and len(calls) == 2
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["extra"]["global_step"] == 2
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
+    assert {sig: signal.getsignal(sig) for sig in before} == before  # handlers given back
 
 
 def test_outputs_that_cannot_be_written_are_one_line_before_any_work(synth, tmp_path):
