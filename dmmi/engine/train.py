@@ -424,7 +424,9 @@ class Trainer:
     @contextlib.contextmanager
     def _signals_stop_at_a_step_boundary(self):
         """SIGTERM (a cluster's pre-emption) and SIGINT (Ctrl+C) set a flag: the ranks agree on it at
-        the next step, save last.pt and stop. A second signal gets the default behaviour."""
+        the next step, save last.pt and stop. A second signal gets the default behaviour. A signal
+        ignored by whoever started the run stays ignored (nohup and a shell's ``&`` ignore SIGINT, so
+        a Ctrl+C meant for the terminal's foreground job does not stop a background run)."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -436,7 +438,8 @@ class Trainer:
                 signal.signal(sig, old)
 
         for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, handler)
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, handler)
         try:
             yield
         finally:

@@ -130,11 +130,41 @@ def test_ctrl_c_inside_train_stops_at_the_next_step(synth, tmp_path, monkeypatch
         return original(self, group, ok)
 
     monkeypatch.setattr(train_module.Trainer, "step", step)
-    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}  # SIG_IGN under nohup / &
-    result = _run(synth, tmp_path / "run", "train.epochs=50")
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's, even when run under nohup / &
+    try:
+        before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        result = _run(synth, tmp_path / "run", "train.epochs=50")
+        after = {sig: signal.getsignal(sig) for sig in before}
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     assert result.interrupted == "SIGINT" and result.steps == 2 and len(calls) == 2
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["extra"]["global_step"] == 2
-    assert {sig: signal.getsignal(sig) for sig in before} == before  # handlers given back
+    assert after == before  # handlers given back
+
+
+def test_a_sigint_ignored_by_the_parent_stays_ignored(synth, tmp_path, monkeypatch):
+    """nohup / a shell's `&` start a job with SIGINT ignored: a Ctrl+C meant for the terminal's
+    foreground job must not stop it, as it would not stop any other program started that way."""
+    from dmmi.engine import train as train_module
+
+    original = train_module.Trainer.step
+    calls = []
+
+    def step(self, group, ok):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, group, ok)
+
+    monkeypatch.setattr(train_module.Trainer, "step", step)
+    inherited = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        result = _run(synth, tmp_path / "run", "train.epochs=50", "train.max_steps=4")
+        during = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+    assert result.interrupted is None and result.steps == 4 and len(calls) == 4
+    assert during is signal.SIG_IGN
 
 
 def test_outputs_that_cannot_be_written_are_one_line_before_any_work(synth, tmp_path):
