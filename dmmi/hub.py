@@ -8,7 +8,7 @@
                              model.safetensors): the directory loads where the name it was trained
                              with (a local path such as /weights/bert-base-uncased) does not exist
 
-    save_pretrained(model, cfg, "my-model/")             # also: dmmi train (best/), dmmi convert --out DIR
+    save_pretrained(model, cfg, "my-model/", license="apache-2.0")  # also: dmmi train (model/), dmmi convert --out DIR
     model, cfg = from_pretrained("my-model/")             # a local directory ...
     model, cfg = from_pretrained("someone/dmmi-swin-b")   # ... or a Hub repo id (huggingface_hub's cache)
     push_to_hub(model, cfg, "me/dmmi-swin-b")             # huggingface_hub's upload_folder
@@ -39,6 +39,7 @@ CARD_NAME = "README.md"
 TEXT_DIR = "text_encoder"
 FORMAT = "dmmi-model"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_LICENSE = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")  # the Hub's identifiers: mit, apache-2.0, cc-by-nc-4.0, other
 
 CITATION = """@inproceedings{hu2023beyond,
   title     = {Beyond One-to-One: Rethinking the Referring Image Segmentation},
@@ -59,35 +60,70 @@ def looks_like_repo_id(name: str) -> bool:
 
 
 def save_pretrained(model: torch.nn.Module, cfg, directory: str | Path, *, extra: Optional[dict] = None,
-                    name: Optional[str] = None) -> Path:
+                    name: Optional[str] = None, license: Optional[str] = None) -> Path:
     """Write ``model`` (weights) and ``cfg`` (a Config) as a model directory, each file atomically.
     ``extra``: plain data for config.json and the card (``{"val": results, "step": N, "test": {"split",
-    "dmmi"}}``); ``name``: what the card's example loads (default: the directory)."""
+    "dmmi"}}``); ``name``: what the card's example loads (default: the directory); ``license``: the
+    weights' license as a Hub identifier (``apache-2.0``, ``cc-by-nc-4.0``, ``other``; None: the card
+    says ``unknown`` and what the weights derive from)."""
     return save_state_pretrained({k: v.detach() for k, v in model.state_dict().items()}, cfg, directory, extra=extra,
-                                 name=name)
+                                 name=name, license=license)
 
 
 def save_state_pretrained(state: dict, cfg, directory: str | Path, *, extra: Optional[dict] = None,
-                          name: Optional[str] = None) -> Path:
+                          name: Optional[str] = None, license: Optional[str] = None) -> Path:
     """:func:`save_pretrained` from a state dict (e.g. a checkpoint's ``model`` entry)."""
-    from dmmi import __version__
-
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise DmmiError(f"{directory} is a file, not a folder for a model directory")
     extra = json.loads(json.dumps(extra or {}, default=str))
+    if license is not None:
+        extra["license"] = check_license(license)
+    directory.mkdir(parents=True, exist_ok=True)
+    bundle_text_encoder(cfg.model.text_encoder, directory)
+    save_weights_safetensors(directory / WEIGHTS_NAME, state, {"format": FORMAT, "preset": str(cfg.preset)})
+    _write_config_and_card(cfg, directory, extra, name)
+    return directory
+
+
+def update_card(directory: str | Path, extra: dict, *, name: Optional[str] = None) -> Path:
+    """Merge ``extra`` (e.g. ``{"test": {"split", "dmmi"}}``, ``{"license": "mit"}``) into a model
+    directory's record and rewrite its config.json and README.md card; the weights are left alone."""
+    from dmmi.config import Config
+
+    directory = Path(directory)
+    if not is_model_dir(directory):
+        raise DmmiError(f"{directory}: not a local model directory (no {CONFIG_NAME}): update_card rewrites one "
+                        "in place")
+    _, config, old = read_model_dir(directory, load_weights=False)
+    extra = {**old, **json.loads(json.dumps(extra, default=str))}
+    if extra.get("license") is not None:
+        extra["license"] = check_license(extra["license"])
+    cfg = Config.from_dict(config)
+    cfg.model.text_encoder = source_name(cfg.model.text_encoder)  # the name it was trained with, not its copy
+    _write_config_and_card(cfg, directory, extra, name)
+    return directory
+
+
+def _write_config_and_card(cfg, directory: Path, extra: dict, name: Optional[str]) -> None:
+    from dmmi import __version__
+
     config = cfg.to_dict()
     config["model"]["text_encoder"] = source_name(cfg.model.text_encoder)
     meta = {"format": FORMAT, "dmmi_version": __version__, "preset": str(cfg.preset), "config": config,
             "extra": extra}
-    directory.mkdir(parents=True, exist_ok=True)
-    bundle_text_encoder(cfg.model.text_encoder, directory)
-    save_weights_safetensors(directory / WEIGHTS_NAME, state, {"format": FORMAT, "preset": str(cfg.preset)})
     config_text = json.dumps(meta, indent=1)
     atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(config_text))
     card = model_card(cfg, extra, name=name or str(directory))
     atomic_write(directory / CARD_NAME, lambda tmp: tmp.write_text(card))
-    return directory
+
+
+def check_license(license) -> str:
+    """A Hub license identifier (lower case: ``mit``, ``apache-2.0``, ``other``), else a one-line DmmiError."""
+    if not isinstance(license, str) or not _LICENSE.match(license):
+        raise DmmiError(f"license {license!r}: not a Hugging Face Hub license identifier (lower case, such as "
+                        "mit, apache-2.0, cc-by-nc-4.0 or other)")
+    return license
 
 
 def source_name(text_encoder: str) -> str:
@@ -158,8 +194,9 @@ def resolve(name_or_path: str | Path, *, revision: Optional[str] = None, cache_d
     return resolve(local)
 
 
-def read_model_dir(name_or_path: str | Path, *, revision: Optional[str] = None) -> tuple[dict, dict, dict]:
-    """-> (state_dict, config dict, extra) of a model directory or repo id."""
+def read_model_dir(name_or_path: str | Path, *, revision: Optional[str] = None,
+                   load_weights: bool = True) -> tuple[dict, dict, dict]:
+    """-> (state_dict ({} without ``load_weights``), config dict, extra) of a model directory or repo id."""
     directory = resolve(name_or_path, revision=revision)
     try:
         meta = json.loads((directory / CONFIG_NAME).read_text())
@@ -168,7 +205,7 @@ def read_model_dir(name_or_path: str | Path, *, revision: Optional[str] = None) 
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("config"), dict):
         raise DmmiError(f"{directory / CONFIG_NAME}: not a dmmi model config (no \"format\": \"{FORMAT}\" "
                         "with a \"config\" mapping)")
-    state, _ = load_weights_safetensors(directory / WEIGHTS_NAME)
+    state = load_weights_safetensors(directory / WEIGHTS_NAME)[0] if load_weights else {}
     config = meta["config"]
     if (directory / TEXT_DIR / "config.json").is_file() and isinstance(config.get("model"), dict):
         config["model"]["text_encoder"] = str(directory / TEXT_DIR)  # its own copy (the name stays in config.json)
@@ -184,13 +221,14 @@ def from_pretrained(name_or_path: str | Path, *, revision: Optional[str] = None,
 
 
 def push_to_hub(model: torch.nn.Module, cfg, repo_id: str, *, private: bool = False, token: Optional[str] = None,
-                extra: Optional[dict] = None, commit_message: str = "dmmi model") -> str:
+                extra: Optional[dict] = None, license: Optional[str] = None,
+                commit_message: str = "dmmi model") -> str:
     """Create (if needed) the Hub repository ``repo_id`` and upload the model directory. -> its URL."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as tmp:
-        save_pretrained(model, cfg, tmp, extra=extra, name=repo_id)
+        save_pretrained(model, cfg, tmp, extra=extra, name=repo_id, license=license)
         url = api.create_repo(repo_id, private=private, exist_ok=True)
         api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
     return str(url)
@@ -203,7 +241,8 @@ def model_card(cfg, extra: dict, name: str = "my-dmmi-model") -> str:
     converted = "converted_from" in extra and not extra.get("step")  # an authors' checkpoint, not a dmmi run
     trained_on = extra.get("trained_on") or (None if converted else d.dataset)
     synthetic = trained_on == "synthetic"
-    lines = ["---", "library_name: dmmi", "pipeline_tag: image-segmentation", "tags:",
+    lines = ["---", "library_name: dmmi", f"license: {extra.get('license') or 'unknown'}",
+             "pipeline_tag: image-segmentation", "tags:",
              "- referring-image-segmentation", "- dmmi", "---", "",
              f"# dmmi model: {cfg.preset}", "",
              "Referring image segmentation beyond one-to-one: given an image and an English expression, the mask "
@@ -249,5 +288,22 @@ def model_card(cfg, extra: dict, name: str = "my-dmmi-model") -> str:
     elif converted and not isinstance(val, dict):
         lines += ["## Figures", "", "Not re-evaluated by dmmi: the authors publish theirs in the paper and their "
                   "repository (oIoU, mIoU, Acc per dataset).", ""]
+    lines += ["## License", "", license_text(cfg, extra, converted, trained_on), ""]
     lines += ["## Citation", "", "```bibtex", CITATION, "```", ""]
     return "\n".join(lines)
+
+
+def license_text(cfg, extra: dict, converted: bool, trained_on: Optional[str]) -> str:
+    """The card's License section: the license set, or why none is claimed and what the weights come from."""
+    if extra.get("license"):
+        return (f"`{extra['license']}`, as set by whoever saved these weights. The `dmmi` code is MIT-licensed; "
+                "the training data keeps its own terms.")
+    if converted:
+        return ("Not known: the authors' release (their code and checkpoints) carries no license. Ask them before "
+                "you redistribute these weights.")
+    parts = ([f"`{cfg.model.backbone}`"] if cfg.model.backbone_weights else []) + (
+        [f"`{source_name(cfg.model.text_encoder)}`"] if cfg.model.text_pretrained else [])
+    start = f"start from the pretrained {' and '.join(parts)} weights and " if parts else ""
+    return ("Not set by whoever trained it (`license=` of `dmmi.hub.save_pretrained` / `push_to_hub`, or "
+            f"`dmmi.hub.update_card`, sets one). The weights {start}were trained on `{trained_on}`: "
+            + ("their licenses and terms apply. " if parts else "its terms apply. ") + "The `dmmi` code is MIT-licensed.")

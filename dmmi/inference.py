@@ -35,9 +35,9 @@ from dmmi.data.synthetic import DEFAULT_SIDE
 from dmmi.data.tokenize import encode, load_tokenizer
 from dmmi.data.images import DEFAULT_MAX_PIXELS, check_max_pixels, check_size, load_image
 from dmmi.data.transforms import image_to_tensor
+from dmmi.decision import check_min_area, check_threshold, decide_masks
 from dmmi.engine.distributed import resolve_device
 from dmmi.engine.compiled import GraphedForward
-from dmmi.engine.evaluate import decide_masks
 from dmmi.engine.fastpath import autocast
 from dmmi.errors import DmmiError
 from dmmi.models.io import load_model_file
@@ -78,22 +78,6 @@ class Prediction:
         return what if self.score is None else f"{what} (score {self.score:.2f})"
 
 
-def check_threshold(value, what: str = "threshold") -> Optional[float]:
-    """None (the paper's argmax) or a probability in [0, 1]."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-        raise DmmiError(f"{what} must be a foreground probability in [0, 1] (or None: the argmax), got {value!r}")
-    return float(value)
-
-
-def check_min_area(value, what: str = "min_area") -> float:
-    """A share of the image in [0, 1): a mask smaller than it counts as no target."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise DmmiError(f"{what} must be a share of the image in [0, 1), got {value!r}")
-    return float(value)
-
-
 @dataclass
 class Prepared:
     """One image and its expressions, ready for the model (:meth:`Predictor.prepare`)."""
@@ -112,7 +96,7 @@ class Predictor:
     ``threshold`` (None: the paper's argmax of the two class maps, the same as > 0.5) makes the
     mask the pixels whose foreground probability exceeds it; a mask smaller than ``min_area``
     (a share of the image's pixels, measured at the image's own size) counts as no target (an empty
-    mask); both by :func:`dmmi.engine.evaluate.decide_masks`, as ``dmmi evaluate`` decides.
+    mask); both by :func:`dmmi.decision.decide_masks`, as ``dmmi evaluate`` decides.
     ``cuda_graphs`` (opt-in, CUDA only): each forward replays a CUDA graph captured once per batch size
     (:class:`dmmi.engine.compiled.GraphedForward`, the same logits within bf16 rounding); elsewhere it
     changes nothing.

@@ -15,7 +15,8 @@ from PIL import Image
 
 from dmmi.config import load_config
 from dmmi.engine.commands import check_decision
-from dmmi.engine.evaluate import decide_masks, run_evaluation
+from dmmi.decision import decide_masks
+from dmmi.engine.evaluate import run_evaluation
 from dmmi.errors import DmmiError
 from dmmi.inference import Predictor
 from dmmi.models import build_model

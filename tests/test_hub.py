@@ -168,3 +168,28 @@ def test_push_to_hub_uploads_the_directory(tiny, monkeypatch):
     assert calls == [("init", "t"), ("create", "me/dmmi-tiny", True, True),
                      ("upload", "me/dmmi-tiny", ["README.md", "config.json", "model.safetensors", "text_encoder"])]
     assert 'Predictor.from_pretrained("me/dmmi-tiny")' in cards[0]  # the card's example loads the repo
+
+
+def test_the_card_states_a_license_and_update_card_leaves_the_weights_alone(tiny, tmp_path):
+    model, cfg, _ = tiny
+    directory = hub.save_pretrained(model, cfg, tmp_path / "m", extra={"step": 3})
+    card = (directory / "README.md").read_text()
+    assert "\nlicense: unknown\n" in card.split("\n---\n")[0] + "\n"  # in the front matter
+    assert "Not set by whoever trained it" in card
+    weights = (directory / "model.safetensors").stat()
+    hub.update_card(directory, {"license": "apache-2.0", "test": {"split": "test", "dmmi": {"oIoU": 70.0,
+                                                                                          "mIoU": 65.5, "Acc": 88.0}}})
+    card = (directory / "README.md").read_text()
+    assert "\nlicense: apache-2.0\n" in card and "`apache-2.0`, as set by whoever saved" in card
+    assert "## Test figures (test split" in card and "| 70.00 | 65.50 | 88.00 |" in card
+    assert "trained for 3 optimiser steps" in card  # the earlier record is kept
+    after = (directory / "model.safetensors").stat()
+    assert (after.st_mtime_ns, after.st_ino) == (weights.st_mtime_ns, weights.st_ino)  # not rewritten
+    meta = json.loads((directory / "config.json").read_text())
+    assert meta["extra"]["license"] == "apache-2.0" and meta["config"] == cfg.to_dict()  # the trained-with names
+    torch.testing.assert_close(_logits(hub.from_pretrained(directory)[0]), _logits(model), rtol=0, atol=0)
+    with pytest.raises(DmmiError, match="not a Hugging Face Hub license identifier"):
+        hub.save_pretrained(model, cfg, tmp_path / "bad", license="MIT\nfoo: bar")
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
+    with pytest.raises(DmmiError, match="not a local model directory"):
+        hub.update_card(tmp_path / "missing", {"license": "mit"})

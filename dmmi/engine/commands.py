@@ -199,7 +199,8 @@ def cmd_evaluate(args) -> int:
             raise DmmiError(f"--sweep-threshold {args.sweep_threshold}: give a .png path (its table goes beside it "
                             "as .json)")
         check_writable_folder(Path(args.sweep_threshold).parent, option="--sweep-threshold")
-    from dmmi.engine.evaluate import SWEEP_THRESHOLDS, describe_decision, describe_min_area, format_sweep, plot_sweep
+    from dmmi.decision import describe_decision, describe_min_area
+    from dmmi.engine.evaluate import SWEEP_THRESHOLDS, format_sweep, plot_sweep
 
     results, skipped, info = evaluate_checkpoint(
         args.checkpoint, data_root=args.data, split=args.split, overrides=args.overrides, device=args.device,
@@ -338,7 +339,7 @@ def decision_options(p) -> None:
 
 def check_decision(args) -> None:
     """One-line DmmiError for a bad --threshold / --min-area, before anything loads."""
-    from dmmi.inference import check_min_area, check_threshold  # Predictor's own checks, named by the option
+    from dmmi.decision import check_min_area, check_threshold  # Predictor's own checks, named by the option
 
     check_threshold(args.threshold, "--threshold")
     check_min_area(args.min_area, "--min-area")

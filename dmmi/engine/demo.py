@@ -130,13 +130,10 @@ def run_demo(*, steps: Optional[int] = None, checkpoint: Optional[str] = None, o
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     if (out / "model").is_dir():  # its card gets the test figures beside the validation ones
-        from dmmi.config import Config
-        from dmmi.hub import save_state_pretrained
-        from dmmi.models.io import read_model_file_extra
+        from dmmi.hub import update_card
 
-        state, cfg_dict, extra = read_model_file_extra(out / "model")
-        extra["test"] = {"split": "test", "dmmi": {k: results["dmmi"].get(k) for k in ("oIoU", "mIoU", "Acc")}}
-        save_state_pretrained(state, Config.from_dict(cfg_dict), out / "model", extra=extra)
+        update_card(out / "model", {"test": {"split": "test",
+                                             "dmmi": {k: results["dmmi"].get(k) for k in ("oIoU", "mIoU", "Acc")}}})
     log("")
     log("where everything is:")
     log(f"  model            {checkpoint}" + (f" (and the directory {out / 'model'})" if (out / "model").is_dir() else ""))

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 from dmmi.data.datasets import SkipBadSamples, SkipReport, collate_skip_bad
 from dmmi.data.transforms import denormalize
 from dmmi.engine.fastpath import autocast
+from dmmi.decision import decide_masks
 from dmmi.errors import DmmiError
 from dmmi.metrics import CombinedEvaluator, mask_counts
 
@@ -103,48 +104,6 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
 
 
 SWEEP_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 ... 0.95
-
-
-def threshold_masks(logits: torch.Tensor, threshold: Optional[float]) -> torch.Tensor:
-    """(B, 2, H, W) class scores -> (B, H, W) bool masks: foreground probability > ``threshold``
-    (None: the paper's argmax, which is the same as > 0.5).
-
-    The comparison is made on the logits (p = sigmoid(referred - background) > t as
-    referred - background > log(t / (1 - t)), t kept in [1e-12, 1 - 1e-12]), as
-    :class:`dmmi.inference.Predictor` always has; the argmax counts NaN as the maximum, as
-    ``argmax`` does, without an int64 (B, H, W)."""
-    x = logits.float()
-    background, referred = x[:, 0], x[:, 1]
-    if threshold is None:  # == x.argmax(1) == 1
-        return (referred > background) | (referred.isnan() & ~background.isnan())
-    t = min(max(float(threshold), 1e-12), 1 - 1e-12)
-    return (referred - background) > float(np.log(t / (1 - t)))
-
-
-def decide_masks(logits: torch.Tensor, threshold: Optional[float] = None, min_area: float = 0.0) -> torch.Tensor:
-    """(B, 2, H, W) class scores -> (B, H, W) bool masks: the no-target decision, the one function that
-    :class:`dmmi.inference.Predictor` and :func:`run_evaluation` both use. :func:`threshold_masks`, then a
-    mask covering less than ``min_area`` of its image (the exact share, in float64) emptied.
-    Predictor passes the logits upsampled to the image's own size, evaluation those at the evaluation
-    resolution: the share is measured there."""
-    masks = threshold_masks(logits, threshold)
-    if min_area:
-        n = masks[0].numel() if len(masks) else 1
-        share = masks.flatten(1).sum(dim=1).cpu().double() / n  # (B,) == count_nonzero / size
-        keep = (share >= min_area).to(masks.device)
-        masks = masks & keep[:, None, None]
-    return masks
-
-
-def describe_min_area(min_area: float) -> str:
-    """'; no target below 0.5% of the image', or '' without a minimum area."""
-    return f"; no target below {100 * min_area:g}% of the image" if min_area else ""
-
-
-def describe_decision(threshold: Optional[float], min_area: float) -> str:
-    """The no-target decision in words, e.g. 'mask = p(foreground) > 0.70; no target below 0.5% of the image'."""
-    what = "mask = argmax (p(foreground) > 0.5)" if threshold is None else f"mask = p(foreground) > {threshold:g}"
-    return what + describe_min_area(min_area)
 
 
 @torch.no_grad()

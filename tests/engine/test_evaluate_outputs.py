@@ -95,7 +95,7 @@ def test_threshold_sweep_table_png_and_json(model_and_data, tmp_path, capsys):
 def test_threshold_masks():
     import torch
 
-    from dmmi.engine.evaluate import threshold_masks
+    from dmmi.decision import threshold_masks
 
     logits = torch.tensor([[[[0.0, 1.0, -1.0]], [[0.0, 0.0, 0.0]]]])  # p(fg) = 0.5, 0.27, 0.73
     assert threshold_masks(logits, None).tolist() == [[[False, False, True]]]
@@ -107,7 +107,7 @@ def test_threshold_masks():
 def test_decide_masks_applies_the_threshold_and_the_minimum_area():
     import torch
 
-    from dmmi.engine.evaluate import decide_masks
+    from dmmi.decision import decide_masks
 
     logits = torch.zeros(2, 2, 4, 4)
     logits[0, 1, :1, :1] = 3.0  # image 0: one pixel of 16 referred (6%)

@@ -58,6 +58,7 @@ def test_the_model_card_of_a_converted_checkpoint_does_not_guess_its_training_da
     assert "converted from the authors' checkpoint `model_best_refzom.pth`" in card
     assert "not recorded in that file" in card and "ref-zom" not in card  # not the preset's default dataset
     assert "Not re-evaluated by dmmi" in card
+    assert "\nlicense: unknown\n" in card and "the authors' release (their code and checkpoints) carries no license" in card
     convert_checkpoint(str(path), str(tmp_path / "told"), overrides=TEXT, trained_on="G-Ref (UMD)")
     assert "training data: G-Ref (UMD) (as given to `dmmi convert`)" in (tmp_path / "told" / "README.md").read_text()
 
