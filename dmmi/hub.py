@@ -76,9 +76,7 @@ def save_state_pretrained(state: dict, cfg, directory: str | Path, *, extra: Opt
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise DmmiError(f"{directory} is a file, not a folder for a model directory")
-    extra = json.loads(json.dumps(extra or {}, default=str))
-    if license is not None:
-        extra["license"] = check_license(license)
+    extra = _record({**(extra or {}), **({} if license is None else {"license": license})})
     directory.mkdir(parents=True, exist_ok=True)
     bundle_text_encoder(cfg.model.text_encoder, directory)
     save_weights_safetensors(directory / WEIGHTS_NAME, state, {"format": FORMAT, "preset": str(cfg.preset)})
@@ -96,16 +94,20 @@ def update_card(directory: str | Path, extra: dict, *, name: Optional[str] = Non
         raise DmmiError(f"{directory}: not a local model directory (no {CONFIG_NAME}): update_card rewrites one "
                         "in place")
     _, config, old = read_model_dir(directory, load_weights=False)
-    extra = {**old, **json.loads(json.dumps(extra, default=str))}
-    if extra.get("license") is not None:
-        extra["license"] = check_license(extra["license"])
-    cfg = Config.from_dict(config)
-    cfg.model.text_encoder = source_name(cfg.model.text_encoder)  # the name it was trained with, not its copy
-    _write_config_and_card(cfg, directory, extra, name)
+    _write_config_and_card(Config.from_dict(config), directory, _record({**old, **extra}), name)
     return directory
 
 
+def _record(extra: dict) -> dict:
+    """``extra`` as plain JSON data for config.json, its ``license`` (if any) checked before anything is written."""
+    extra = json.loads(json.dumps(extra, default=str))
+    if extra.get("license") is not None:
+        check_license(extra["license"])
+    return extra
+
+
 def _write_config_and_card(cfg, directory: Path, extra: dict, name: Optional[str]) -> None:
+    """config.json (the text encoder under the name it was trained with, not its bundled copy) and the card."""
     from dmmi import __version__
 
     config = cfg.to_dict()

@@ -190,6 +190,8 @@ def test_the_card_states_a_license_and_update_card_leaves_the_weights_alone(tiny
     torch.testing.assert_close(_logits(hub.from_pretrained(directory)[0]), _logits(model), rtol=0, atol=0)
     with pytest.raises(DmmiError, match="not a Hugging Face Hub license identifier"):
         hub.save_pretrained(model, cfg, tmp_path / "bad", license="MIT\nfoo: bar")
+    with pytest.raises(DmmiError, match="not a Hugging Face Hub license identifier"):
+        hub.save_pretrained(model, cfg, tmp_path / "bad", extra={"license": "MIT\nfoo: bar"})  # also through extra
     assert not (tmp_path / "bad").exists()  # refused before anything is written
     with pytest.raises(DmmiError, match="not a local model directory"):
         hub.update_card(tmp_path / "missing", {"license": "mit"})
